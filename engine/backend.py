@@ -1,0 +1,103 @@
+"""What every speech backend provides, and the small types that cross the engine boundary.
+
+A backend turns one turn of a dialogue into audio in two stages, so that the pipeline
+(engine/pipeline.py) can run the text stage of turn i+1 while turn i is still being rendered:
+
+    encode(session, turn, slot) -> Encoded      text stage: tokens/phonemes -> model state
+    render(session, encoded)    -> Iterator[pcm] acoustic stage: audio chunks as they are made
+
+Per-model facts (sample rate, voices, modes) live on the backend; per-call settings live in
+`SynthesisParams` (Piper's split of PiperConfig vs SynthesisConfig).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from .lanes import Lanes
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One line of the script."""
+
+    index: int
+    """Position in the session's script, from 0."""
+    speaker: int
+    """Index into the session's speakers."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Voice:
+    """A voice the server offers by name (GET /v1/voices)."""
+
+    id: str
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SpeakerVoice:
+    """The voice of one speaker in a session: a catalogue voice or uploaded audio."""
+
+    name: str
+    voice_id: str | None = None
+    audio: np.ndarray | None = field(default=None, repr=False)
+    """Uploaded voice prompt, mono float32 at `audio_rate`."""
+    audio_rate: int = 0
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    """Per-session settings a client may choose (`start.options`)."""
+
+    seed: int
+    mode: str
+    cfg_scale: float | None = None
+    steps: int | None = None
+
+
+class BadRequest(ValueError):
+    """A request the backend cannot serve, with the protocol field it concerns."""
+
+    def __init__(self, code: str, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+        self.message = message
+
+
+class Backend(Protocol):
+    name: str
+    """Model name echoed in `ready.model.name`."""
+    sample_rate: int
+    """Rate of the PCM that `render` yields."""
+    modes: tuple[str, ...]
+    """Generation modes; the first is the default."""
+    lanes: Lanes
+    """Where encode and render run (CPU threads or CUDA streams)."""
+
+    def voices(self) -> list[Voice]: ...
+
+    def check_params(self, params: SynthesisParams) -> None:
+        """Raise BadRequest for settings this backend cannot honour."""
+
+    def open_session(self, speakers: list[SpeakerVoice], params: SynthesisParams) -> Any:
+        """Per-session state (voice prompts, RNG, caches). Raises BadRequest for bad voices."""
+
+    def encode(self, session: Any, turn: Turn, slot: int) -> Any:
+        """Text stage of one turn, written into buffer `slot` (0 or 1) of the session."""
+
+    def render(self, session: Any, encoded: Any) -> Iterator[np.ndarray]:
+        """Acoustic stage: mono float32 chunks at `sample_rate`, in order."""
+
+    def close_session(self, session: Any) -> None: ...
+
+    def seconds_per_char(self) -> float:
+        """A generous estimate of audio seconds per character, to refuse over-long scripts early."""
+
+    def warmup(self) -> None: ...

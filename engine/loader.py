@@ -1,0 +1,27 @@
+"""Pick and load the backend that `--model` names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backend import Backend
+
+
+def load_backend(model: str, device: str = "auto", dtype: str = "auto", voices: str | None = None) -> Backend:
+    """'piper' (default voice), a Piper .onnx file, or a VibeVoice directory or hub id."""
+    if model == "piper":
+        from .piper_voice import PiperBackend
+
+        return PiperBackend()
+    if model.endswith(".onnx"):
+        from .piper_voice import PiperBackend
+
+        path = Path(model)
+        if not path.is_file() or not Path(f"{model}.json").is_file():
+            raise FileNotFoundError(
+                f"--model {model}: a Piper voice needs both {path.name} and {path.name}.json"
+            )
+        return PiperBackend(path)
+    from .vibevoice.backend import VibeVoiceBackend
+
+    return VibeVoiceBackend.load(model, device=device, dtype=dtype, voices=voices)

@@ -1,0 +1,64 @@
+"""WAV files: read any common PCM or float layout (voice uploads), write 16-bit mono."""
+
+from __future__ import annotations
+
+import io
+import struct
+import wave
+
+import numpy as np
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate); channels are averaged. Raises ValueError."""
+    # The stdlib reader refuses WAVE_FORMAT_IEEE_FLOAT (3) and EXTENSIBLE, so walk the chunks.
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a WAV file (no RIFF/WAVE header)")
+    pos, fmt, body = 12, None, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        chunk = data[pos + 8 : pos + 8 + size]
+        if cid == b"fmt ":
+            fmt = chunk
+        elif cid == b"data":
+            body = chunk
+        pos += 8 + size + (size & 1)
+    if fmt is None or body is None or len(fmt) < 16:
+        raise ValueError("the WAV file has no fmt or data chunk")
+    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
+    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: real tag in the sub-format
+        tag = struct.unpack_from("<H", fmt, 24)[0]
+    if channels < 1 or not 4000 <= rate <= 192000:
+        raise ValueError(f"the WAV header is not usable ({channels} channels at {rate} Hz)")
+    width = bits // 8
+    usable = len(body) - len(body) % (width * channels) if width else 0
+    raw = body[:usable]
+    if tag == 3 and bits == 32:
+        x = np.frombuffer(raw, "<f4").astype(np.float32)
+    elif tag == 1 and bits == 16:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif tag == 1 and bits == 32:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
+    elif tag == 1 and bits == 8:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif tag == 1 and bits == 24:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / 8388608.0
+    else:
+        raise ValueError(
+            f"WAV sample format {tag} with {bits} bits is not supported; use 16-bit PCM or "
+            "32-bit float"
+        )
+    return x.reshape(-1, channels).mean(axis=1), rate
+
+
+def wav_bytes(x: np.ndarray, rate: int) -> bytes:
+    """16-bit mono WAV bytes."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()

@@ -1,0 +1,207 @@
+"""The Starlette application: routes, lifespan, auth.
+
+    WS  /v1/stream                    the vibecast.v1 protocol (server/connection.py)
+    GET /                             the live-playback page (web_demo/)
+    GET /v1/voices                    voices a `start` may name
+    GET /v1/sessions/{id}/audio.opus  a session's audio as an Ogg Opus file
+    GET /healthz                      the process is up
+    GET /readyz                       the engine is loaded, warm, and not draining
+    GET /metrics                      Prometheus
+
+The engine loads and warms up in the lifespan, before uvicorn opens the port, so no request
+ever waits for a model load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from ..engine.backend import Backend
+from .archive import Archive
+from .config import ServerConfig
+from .connection import Connection, chosen_subprotocol, client_identity
+from .metrics import Metrics
+from .sessions import Sessions
+from .store import MemoryStore, SessionStore
+
+log = logging.getLogger("vibecast.server")
+
+WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+STATIC = {
+    "app.js": "text/javascript",
+    "worklet.js": "text/javascript",
+    "msgpack.js": "text/javascript",
+    "player.js": "text/javascript",
+    "style.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+}
+VENDOR = {"opus-decoder.min.js": "node_modules/opus-decoder/dist/opus-decoder.min.js"}
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    load_backend: Callable[[], Backend]
+    store: SessionStore = field(default_factory=MemoryStore)
+    metrics: Metrics = field(default_factory=Metrics)
+    backend: Backend | None = None
+    sessions: Sessions | None = None
+    archive: Archive | None = None
+    draining: bool = False
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+def _key_name(config: ServerConfig, headers: dict[str, str], query: dict[str, str]) -> str | None | bool:
+    """None when no keys are configured; the matching key's label; False when refused."""
+    if not config.api_keys:
+        return None
+    given = query.get("token")
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if not given:
+        return False
+    for i, key in enumerate(config.api_keys):
+        if hmac.compare_digest(key.encode(), given.encode()):
+            return f"#{i + 1}"  # never log the key itself
+    return False
+
+
+def create_app(
+    config: ServerConfig,
+    load_backend: Callable[[], Backend],
+    store: SessionStore | None = None,
+) -> Starlette:
+    state = AppState(config, load_backend, store=store or MemoryStore())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        backend = await asyncio.to_thread(state.load_backend)
+        await asyncio.to_thread(backend.warmup)
+        state.backend = backend
+        state.archive = Archive(config.archive_sessions, config.archive_ttl_s)
+        catalogue = {v.id: v.description for v in backend.voices()}
+        state.sessions = Sessions(backend, config, state.store, state.archive, state.metrics, catalogue)
+        state.metrics.track_active(state.sessions.active_count)
+        state.metrics.engine_ready.set(1)
+        log.info("engine %s ready (%d voices)", backend.name, len(catalogue))
+        state.ready.set()
+        try:
+            yield
+        finally:
+            state.draining = True
+            state.metrics.engine_ready.set(0)
+            for session in list(state.sessions.sessions.values()):
+                session.stop()
+            state.archive.close()
+
+    def authorized(request: Request | WebSocket) -> str | None | bool:
+        return _key_name(config, dict(request.headers), dict(request.query_params))
+
+    def refuse() -> Response:
+        return JSONResponse(
+            {
+                "error": "unauthorized",
+                "message": "this server needs an API key: send 'Authorization: Bearer KEY' "
+                "or add ?token=KEY to the URL.",
+            },
+            status_code=401,
+        )
+
+    async def stream(ws: WebSocket) -> None:
+        key = authorized(ws)
+        if key is False:
+            state.metrics.errors.labels(code="unauthorized").inc()
+            await ws.send_denial_response(refuse())
+            return
+        await ws.accept(subprotocol=chosen_subprotocol(ws))
+        assert state.sessions is not None and state.backend is not None
+        conn = Connection(ws, state.sessions, client_identity(ws, key or None), state.backend.name)
+        await conn.run()
+
+    async def index(request: Request) -> Response:
+        return FileResponse(WEB_DEMO / "index.html", media_type="text/html")
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name in STATIC:
+            return FileResponse(WEB_DEMO / name, media_type=STATIC[name])
+        if name in VENDOR and (WEB_DEMO / VENDOR[name]).exists():
+            return FileResponse(WEB_DEMO / VENDOR[name], media_type="text/javascript")
+        return JSONResponse({"error": "not_found", "message": f"no file {name!r}"}, status_code=404)
+
+    async def voices(request: Request) -> Response:
+        if authorized(request) is False:
+            return refuse()
+        assert state.backend is not None
+        return JSONResponse(
+            {
+                "model": state.backend.name,
+                "voices": [
+                    {"id": v.id, "name": v.name, "description": v.description}
+                    for v in state.backend.voices()
+                ],
+            }
+        )
+
+    async def audio_file(request: Request) -> Response:
+        if authorized(request) is False:
+            return refuse()
+        session_id = request.path_params["session_id"]
+        assert state.archive is not None
+        if not state.archive.has(session_id):
+            return JSONResponse(
+                {
+                    "error": "unknown_session",
+                    "message": f"no audio is kept for session {session_id!r}: it never existed, "
+                    f"streamed pcm_s16le, or ended more than {config.archive_ttl_s:.0f} s ago.",
+                },
+                status_code=404,
+            )
+        return StreamingResponse(
+            state.archive.ogg(session_id),
+            media_type="audio/ogg",
+            headers={"Content-Disposition": f'attachment; filename="vibecast-{session_id}.opus"'},
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def readyz(request: Request) -> Response:
+        ready = state.backend is not None and not state.draining
+        body = {"ready": ready, "model": state.backend.name if state.backend else None}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics(request: Request) -> Response:
+        if state.sessions is not None:
+            state.metrics.detached.set(state.sessions.detached_count())
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/v1/stream", stream),
+            Route("/", index),
+            Route("/v1/voices", voices),
+            Route("/v1/sessions/{session_id}/audio.opus", audio_file),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/{name}", static),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.vibecast = state
+    return app

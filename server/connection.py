@@ -1,0 +1,349 @@
+"""One WebSocket connection at /v1/stream, from handshake to close.
+
+States: AWAITING_START -> (QUEUED) -> STREAMING -> CLOSED. A bad frame before `start` gets an
+error and the connection keeps waiting; a session that ends (done, cancelled, fatal error) is
+followed by the close. A dropped socket detaches the session, which waits `resume_grace_s`
+for a `resume` on another connection before it is stopped and freed.
+
+All sends go through one lock: the writer (audio, turn events, terminal messages), the reader
+(appended, non-fatal errors) and the progress ticker share the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..engine.backend import BadRequest
+from ..protocol.messages import (
+    CLOSE_CODE,
+    PROTOCOL,
+    Append,
+    Appended,
+    Cancel,
+    Code,
+    Message,
+    Playback,
+    Progress,
+    ProtocolError,
+    Queued,
+    Resume,
+    Start,
+    parse_client,
+)
+from .session import ENDED, OutFrame, Session, State
+from .sessions import Sessions
+
+log = logging.getLogger("vibecast.connection")
+
+
+class Phase(enum.Enum):
+    AWAITING_START = "awaiting_start"
+    QUEUED = "queued"
+    STREAMING = "streaming"
+    CLOSED = "closed"
+
+
+class _Closed(Exception):
+    """The socket is gone or has been closed by us."""
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, hub: Sessions, client: str, model_name: str) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.client = client
+        self.model_name = model_name
+        self.limits = hub.limits
+        self.phase = Phase.AWAITING_START
+        self._send_lock = asyncio.Lock()
+        self._epoch = 0  # which attachment of the session this connection is
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def _send(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            raise _Closed
+        async with self._send_lock:
+            try:
+                await self.ws.send_bytes(data)
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                self.phase = Phase.CLOSED
+                raise _Closed from None
+
+    async def send(self, message: Message) -> None:
+        await self._send(message.pack())
+
+    async def send_error(self, e: ProtocolError) -> None:
+        self.hub.metrics.errors.labels(code=str(e.code)).inc()
+        await self.send(e.to_message())
+        if e.fatal:
+            await self.close(e.close_code)
+
+    async def close(self, code: int = 1000) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        async with self._send_lock:
+            try:
+                await self.ws.close(code)
+            except (RuntimeError, OSError):
+                pass
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def _receive(self, timeout: float | None) -> bytes | None:
+        """The next binary frame; None when the socket closed. Bad frames are answered here."""
+        while True:
+            try:
+                msg = await asyncio.wait_for(self.ws.receive(), timeout)
+            except asyncio.TimeoutError:
+                await self.send_error(
+                    ProtocolError(
+                        Code.IDLE_TIMEOUT,
+                        f"no start arrived within {self.limits.idle_timeout_s:.0f} s "
+                        "(limits.idle_timeout_s); connect again when you have a script.",
+                        fatal=True,
+                    )
+                )
+                return None
+            except (WebSocketDisconnect, RuntimeError):
+                return None
+            if msg["type"] == "websocket.disconnect":
+                return None
+            data = msg.get("bytes")
+            if data is None:
+                await self.send_error(
+                    ProtocolError(
+                        Code.BAD_MESSAGE,
+                        "text frames are not part of vibecast.v1; send each message as a "
+                        "binary frame holding one msgpack map.",
+                    )
+                )
+                continue
+            if len(data) > self.limits.max_frame_bytes:
+                await self.send_error(
+                    ProtocolError(
+                        Code.TOO_BIG,
+                        f"a frame of {len(data)} bytes is over limits.max_frame_bytes "
+                        f"({self.limits.max_frame_bytes}); shorten voice_audio (a few seconds "
+                        "of speech is enough) or split the script with append.",
+                        fatal=True,
+                    )
+                )
+                return None
+            return data
+
+    # -- the connection's life -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while self.phase is Phase.AWAITING_START:
+                data = await self._receive(self.limits.idle_timeout_s)
+                if data is None:
+                    return
+                try:
+                    msg = parse_client(data)
+                    if isinstance(msg, Start):
+                        await self._start(msg)
+                    elif isinstance(msg, Resume):
+                        await self._resume(msg)
+                    else:
+                        raise ProtocolError(
+                            Code.NOT_STARTED,
+                            f"{msg.type} before start: send start (or resume) first.",
+                        )
+                except ProtocolError as e:
+                    await self.send_error(e)
+        except _Closed:
+            pass
+        finally:
+            self.phase = Phase.CLOSED
+
+    async def _start(self, start: Start) -> None:
+        self.hub.check_rate(self.client)
+        spec = self.hub.validate(start, self.client)
+        session = self.hub.create(spec)
+        await self._attach(session, replay=None)
+
+    async def _resume(self, resume: Resume) -> None:
+        session = self.hub.get(resume.session_id)
+        if session is None or not self.hub.store.token_matches(resume.session_id, resume.resume_token):
+            raise ProtocolError(
+                Code.UNKNOWN_SESSION,
+                "no session with that session_id and resume_token is waiting here; it ended, "
+                f"its {self.hub.config.resume_grace_s:.0f} s resume grace ran out, or the token "
+                "is wrong. Start a new session.",
+                field="session_id",
+            )
+        replay = session.replay_after(resume.last_seq)
+        if replay is None:
+            raise ProtocolError(
+                Code.UNKNOWN_SESSION,
+                f"this session cannot continue after seq {resume.last_seq}: that audio was never "
+                "sent, or is older than what the server keeps for resume. Start a new session.",
+                field="last_seq",
+            )
+        await self._attach(session, replay=[f.data for f in replay])
+
+    async def _attach(self, session: Session, replay: list[bytes] | None) -> None:
+        session.epoch += 1
+        self._epoch = session.epoch
+        session.attached = True
+        self.hub.metrics.detached.set(self.hub.detached_count())
+        reader = asyncio.create_task(self._read_loop(session))
+        main = asyncio.create_task(self._main(session, replay))
+        ticker = asyncio.create_task(self._tick(session))
+        try:
+            done, _ = await asyncio.wait({reader, main}, return_when=asyncio.FIRST_COMPLETED)
+            if main in done:
+                main.result()  # re-raise what ended it
+        except _Closed:
+            pass
+        finally:
+            for t in (reader, main, ticker):
+                t.cancel()
+            await asyncio.gather(reader, main, ticker, return_exceptions=True)
+            if session.epoch == self._epoch:
+                session.attached = False
+                self.hub.detached(session)
+
+    async def _main(self, session: Session, replay: list[bytes] | None) -> None:
+        if replay is None:
+            self.phase = Phase.QUEUED
+
+            async def queued(position: int, eta: float | None) -> None:
+                await self.send(Queued(position, eta))
+
+            await self.hub.admit(session, queued)
+            if session.state is State.QUEUED:  # admitted
+                try:
+                    await session.open()
+                except BadRequest as e:
+                    self.hub.forget(session)
+                    await self.send_error(ProtocolError(Code(e.code), e.message, field=e.field))
+                    self.phase = Phase.AWAITING_START
+                    return
+                self.phase = Phase.STREAMING
+                await self.send(session.ready_message(self.model_name))
+                session.start_engine()
+        else:
+            self.phase = Phase.STREAMING
+            await self.send(session.ready_message(self.model_name))
+            for data in replay:
+                await self._send(data)
+        await self._write_loop(session)
+
+    async def _write_loop(self, session: Session) -> None:
+        while session.epoch == self._epoch:
+            frame: OutFrame = await session.next_frame()
+            if session.epoch != self._epoch:  # a newer connection took the session over
+                session.requeue(frame)
+                break
+            if frame.marker is None:
+                data = frame.data
+                assert data is not None
+            else:
+                data = session.build_marker(frame).pack()
+            if frame.seq is not None:
+                session.counters.last_sent_seq = frame.seq
+            try:
+                await self._send(data)
+            except _Closed:
+                if frame.marker is None:
+                    session.sent(frame)  # it may have reached the client: keep it for resume
+                else:
+                    session.requeue(frame)
+                raise
+            session.sent(frame)
+            metrics = self.hub.metrics
+            if frame.seq is not None:
+                metrics.audio_sent.inc(frame.samples / session.spec.format.sample_rate)
+                if frame.seq == 0:
+                    ttfa = session.counters.first_audio_at - session.counters.started
+                    metrics.ttfa.observe(ttfa)
+            if frame.marker is not None:
+                self.hub.finished(session, frame.marker, frame.error)
+                code = 1000 if frame.marker != "error" else CLOSE_CODE.get(Code(frame.error.code), 1008)  # type: ignore[union-attr]
+                await self.close(code)
+                raise _Closed
+
+    async def _read_loop(self, session: Session) -> None:
+        while True:
+            data = await self._receive(None)
+            if data is None:
+                return
+            try:
+                msg = parse_client(data, len(session.spec.speakers), session.feed.total)
+                if isinstance(msg, Cancel):
+                    session.cancel()
+                    await self.hub.wake_queue()
+                elif isinstance(msg, Playback):
+                    session.playback(msg.played_ms)
+                    lead = session.sent_ms - msg.played_ms
+                    if lead < 1000 and session.state is State.STREAMING:
+                        self.hub.metrics.lead_low.inc()
+                elif isinstance(msg, Append):
+                    if session.feed.complete:
+                        raise ProtocolError(
+                            Code.BAD_MESSAGE,
+                            "append after the script was complete (more was false); start a new "
+                            "session for more turns.",
+                            field="more",
+                        )
+                    turns = self.hub.check_turns(msg.turns, session.feed.total, session.chars)
+                    await self.send(Appended(session.append(turns, msg.more)))
+                else:
+                    kind = "start" if isinstance(msg, Start) else "resume"
+                    raise ProtocolError(
+                        Code.ALREADY_STARTED,
+                        f"{kind} on a connection that already has a session; one session per "
+                        "connection. Open a new connection for another.",
+                    )
+            except ProtocolError as e:
+                await self.send_error(e)
+
+    async def _tick(self, session: Session) -> None:
+        """About once a second: progress, and the idle check for open scripts."""
+        while True:
+            await asyncio.sleep(1.0)
+            if session.state is not State.STREAMING or self.phase is not Phase.STREAMING:
+                continue
+            c = session.counters
+            audio_s = session.counters.generated / session.spec.format.sample_rate
+            lead = session.sent_ms - c.played_ms if c.played_ms is not None else None
+            await self.send(
+                Progress(
+                    generated_ms=session.generated_ms,
+                    sent_ms=session.sent_ms,
+                    turns_done=c.turns_done,
+                    turns_total=session.feed.total,
+                    rtf=round(c.engine_busy_s / audio_s, 4) if audio_s else 0.0,
+                    lead_ms=lead,
+                )
+            )
+            waiting = not session.feed.complete and c.turns_done >= session.feed.total
+            idle_s = time.monotonic() - session.touched
+            if waiting and idle_s > self.limits.idle_timeout_s:
+                session.fail(
+                    Code.IDLE_TIMEOUT,
+                    f"the script is open (more: true) but no append came for "
+                    f"{self.limits.idle_timeout_s:.0f} s (limits.idle_timeout_s); send append "
+                    "with more: false to finish a script.",
+                )
+
+
+def client_identity(ws: WebSocket, key_name: str | None) -> str:
+    if key_name:
+        return f"key:{key_name}"
+    return f"ip:{ws.client.host if ws.client else 'unknown'}"
+
+
+def chosen_subprotocol(ws: WebSocket) -> str | None:
+    offered: Any = ws.scope.get("subprotocols") or []
+    return PROTOCOL if PROTOCOL in offered else None

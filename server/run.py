@@ -1,0 +1,110 @@
+"""Running the app under uvicorn: in the foreground (`vibecast serve`) or on a background
+thread (tests, `vibecast say --model`, `vibecast bench --model`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+from ..engine.backend import Backend
+from ..engine.loader import load_backend
+from .app import create_app
+from .config import ServerConfig
+
+
+def uvicorn_config(config: ServerConfig, backend: Backend | None = None, **extra: Any) -> uvicorn.Config:
+    def load() -> Backend:
+        if backend is not None:
+            return backend
+        return load_backend(config.model, config.device, config.dtype, config.voices)
+
+    app = create_app(config, load)
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        ws="websockets-sansio",
+        # Frames up to twice the limit reach the app, which answers with a readable `too_big`
+        # error; anything larger is cut off by the WebSocket layer with close code 1009.
+        ws_max_size=2 * config.limits.max_frame_bytes,
+        ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
+        lifespan="on",
+        **extra,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """Without API keys, refuse to listen beyond loopback unless told to (--public)."""
+    if not is_loopback(config.host) and not config.api_keys and not config.public:
+        raise SystemExit(
+            f"refusing to listen on {config.host} without API keys: anyone who can reach it could "
+            "use the server. Set --api-key KEY (or VIBECAST_API_KEYS), or pass --public to allow "
+            "it anyway."
+        )
+
+
+class ServerThread:
+    """A real uvicorn server on loopback, in a background thread.
+
+    The socket is bound and listening before uvicorn starts, so connections made early wait in
+    the backlog; `start` returns once the lifespan has loaded and warmed the engine.
+    """
+
+    def __init__(self, config: ServerConfig, backend: Backend | None = None, log_level: str = "warning") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((config.host, config.port))
+        self.sock.listen(128)
+        self.config = config.replace(port=self.sock.getsockname()[1])
+        self.server = uvicorn.Server(uvicorn_config(self.config, backend, log_level=log_level))
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="uvicorn", daemon=True
+        )
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.config.host}:{self.config.port}/v1/stream"
+
+    @property
+    def state(self) -> Any:
+        """The app's AppState (sessions, metrics, store), for tests that look inside."""
+        return self.server.config.app.state.vibecast
+
+    def start(self, timeout: float = 300.0) -> "ServerThread":
+        self.thread.start()
+        ready = self.state.ready
+        deadline = timeout
+        while not ready.wait(0.25):  # wake up now and then to notice a failed start
+            deadline -= 0.25
+            if not self.thread.is_alive() or deadline <= 0:
+                self.stop()
+                raise RuntimeError("the server did not start (see its log above)")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,293 @@
+"""All sessions of this server: policy checks on `start`, admission (capacity and a FIFO queue
+with positions), rate limits, and lookup for resume and downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
+from ..protocol.messages import Code, ProtocolError, Start, TurnSpec
+from .archive import Archive
+from .config import ServerConfig
+from .metrics import Metrics
+from .output import OutputFormat
+from .session import ENDED, Session, SessionSpec, State
+from .store import SessionStore
+from .voice_audio import VoiceAudioError, decode_voice_audio
+
+log = logging.getLogger("vibecast.sessions")
+
+
+class Sessions:
+    def __init__(
+        self,
+        backend: Backend,
+        config: ServerConfig,
+        store: SessionStore,
+        archive: Archive,
+        metrics: Metrics,
+        catalogue: dict[str, str],
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.limits = config.limits
+        self.store = store
+        self.archive = archive
+        self.metrics = metrics
+        self.catalogue = catalogue  # voice id -> description
+        self.sessions: dict[str, Session] = {}
+        self.running: set[str] = set()  # sessions holding an engine slot
+        self._queue_changed = asyncio.Condition()
+        self._starts: dict[str, deque[float]] = {}
+        self._recent_walls: deque[float] = deque(maxlen=20)
+
+    # -- policy --------------------------------------------------------------------------------
+
+    def check_turns(self, turns: list[TurnSpec], before: int, chars_before: int) -> list[Turn]:
+        lim = self.limits
+        if before + len(turns) > lim.max_turns:
+            raise ProtocolError(
+                Code.TOO_LONG,
+                f"turns: the script would have {before + len(turns)}; this server allows "
+                f"{lim.max_turns} (limits.max_turns). Split it into several sessions.",
+                field="turns",
+            )
+        chars = chars_before + sum(len(t.text) for t in turns)
+        if chars > lim.max_chars:
+            raise ProtocolError(
+                Code.TOO_LONG,
+                f"turns: the script has {chars} characters; this server allows {lim.max_chars} "
+                "(limits.max_chars). Split it into several sessions.",
+                field="turns",
+            )
+        seconds = chars * self.backend.seconds_per_char()
+        if seconds > lim.max_audio_s:
+            raise ProtocolError(
+                Code.TOO_LONG,
+                f"turns: the script would make about {seconds / 60:.0f} minutes of audio; this server "
+                f"allows {lim.max_audio_s / 60:.0f} (limits.max_audio_s). Split it into several "
+                "sessions.",
+                field="turns",
+            )
+        return [Turn(before + i, t.speaker, t.text.strip()) for i, t in enumerate(turns)]
+
+    def validate(self, start: Start, client: str) -> SessionSpec:
+        lim = self.limits
+        if len(start.speakers) > lim.max_speakers:
+            raise ProtocolError(
+                Code.TOO_MANY_SPEAKERS,
+                f"speakers has {len(start.speakers)} entries; this server allows at most "
+                f"{lim.max_speakers} (limits.max_speakers). Give some lines to the same speaker.",
+                field="speakers",
+            )
+        turns = self.check_turns(start.turns, 0, 0)
+        speakers = []
+        for i, s in enumerate(start.speakers):
+            name = s.name or f"Speaker {i + 1}"
+            if s.voice is not None:
+                if s.voice not in self.catalogue:
+                    raise ProtocolError(
+                        Code.UNKNOWN_VOICE,
+                        f"speakers[{i}].voice is {s.voice!r}, which this server does not have; "
+                        f"choose one of: {', '.join(self.catalogue)} (GET /v1/voices).",
+                        field=f"speakers[{i}].voice",
+                    )
+                speakers.append(SpeakerVoice(name, voice_id=s.voice))
+                continue
+            assert s.voice_audio is not None
+            try:
+                audio, rate = decode_voice_audio(s.voice_audio, s.voice_format)
+            except VoiceAudioError as e:
+                raise ProtocolError(
+                    Code.BAD_VOICE_AUDIO,
+                    f"speakers[{i}].voice_audio cannot be used: {e}. Send a WAV or Ogg Opus "
+                    "file of clear speech.",
+                    field=f"speakers[{i}].voice_audio",
+                ) from None
+            speakers.append(SpeakerVoice(name, audio=audio, audio_rate=rate))
+
+        f = start.format
+        codec = f.codec if f else "opus"
+        default_rate = 48000 if codec == "opus" else self.backend.sample_rate
+        fmt = OutputFormat(
+            codec=codec,
+            sample_rate=(f.sample_rate if f and f.sample_rate else default_rate),
+            bitrate=(f.bitrate if f and f.bitrate else 32000),
+            frame_ms=(f.frame_ms if f and f.frame_ms else 20),
+        )
+        o = start.options
+        params = SynthesisParams(
+            seed=o.seed if o and o.seed is not None else secrets.randbits(63),
+            mode=o.mode if o and o.mode else self.backend.modes[0],
+            cfg_scale=o.cfg_scale if o else None,
+            steps=o.steps if o else None,
+        )
+        try:
+            self.backend.check_params(params)
+        except ValueError as e:
+            raise _bad_request(e) from None
+        return SessionSpec(speakers, turns, start.more, fmt, params, start.request_id, client)
+
+    def check_rate(self, client: str) -> None:
+        now = time.monotonic()
+        window = self._starts.setdefault(client, deque())
+        while window and now - window[0] > 60.0:
+            window.popleft()
+        if len(window) >= self.config.starts_per_minute:
+            wait = 60.0 - (now - window[0])
+            raise ProtocolError(
+                Code.RATE_LIMITED,
+                f"this client started {len(window)} sessions in the last minute; the limit is "
+                f"{self.config.starts_per_minute}. Try again in {wait:.0f} s.",
+                fatal=True,
+            )
+        window.append(now)
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def create(self, spec: SessionSpec) -> Session:
+        session = Session(
+            spec,
+            self.backend,
+            self.store,
+            self.archive,
+            self.limits,
+            self.config.send_buffer_ms,
+            on_end=self._ended,
+        )
+        self.sessions[session.id] = session
+        return session
+
+    def _has_slot(self, session_id: str) -> bool:
+        queue = self.store.queue()
+        return len(self.running) < self.config.max_sessions and queue[:1] == [session_id]
+
+    async def admit(
+        self, session: Session, on_position: Callable[[int, float | None], Awaitable[None]]
+    ) -> None:
+        """Wait for an engine slot, first come first served, reporting the queue position."""
+        if len(self.store.queue()) >= self.config.max_queue and len(self.running) >= self.config.max_sessions:
+            self.forget(session)
+            raise ProtocolError(
+                Code.BUSY,
+                f"the server is at capacity and {self.config.max_queue} sessions are already "
+                "waiting; try again in a minute.",
+                fatal=True,
+            )
+        self.store.enqueue(session.id)
+        self.metrics.queued.inc()
+        try:
+            reported = None
+            async with self._queue_changed:
+                while session.state is State.QUEUED and not self._has_slot(session.id):
+                    position = self.store.queue().index(session.id) + 1
+                    if position != reported:
+                        reported = position
+                        await on_position(position, self._eta(position))
+                    await self._queue_changed.wait()
+                if session.state is State.QUEUED:
+                    self.running.add(session.id)
+        finally:
+            self.store.dequeue(session.id)
+            self.metrics.queued.dec()
+            await self._notify()
+
+    def _eta(self, position: int) -> float | None:
+        if not self._recent_walls:
+            return None
+        mean = sum(self._recent_walls) / len(self._recent_walls)
+        return round(mean * position / self.config.max_sessions, 1)
+
+    async def wake_queue(self) -> None:
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._queue_changed:
+            self._queue_changed.notify_all()
+
+    def _ended(self, session: Session) -> None:
+        """Called on the event loop when a session reaches a terminal state."""
+        if session.id in self.running:
+            self.running.discard(session.id)
+            self._recent_walls.append(time.monotonic() - session.counters.ready_at)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    def finished(self, session: Session, marker: str | None, error: object) -> None:
+        """The session's terminal message went out: account for it and free everything."""
+        session.delivered = True
+        self._account(session)
+        self.forget(session)
+
+    def detached(self, session: Session) -> None:
+        """A connection let go of the session (closed, dropped, or taken over)."""
+        if session.delivered or session.id not in self.sessions:
+            return
+        if session.state is State.QUEUED or self.config.resume_grace_s <= 0:
+            self._abandon(session)
+            return
+        self.metrics.detached.set(self.detached_count())
+        epoch = session.epoch
+        asyncio.get_running_loop().call_later(
+            self.config.resume_grace_s, self._expire, session, epoch
+        )
+
+    def _expire(self, session: Session, epoch: int) -> None:
+        if session.epoch == epoch and not session.attached and not session.delivered:
+            self._abandon(session)
+
+    def _abandon(self, session: Session) -> None:
+        session.abandon()
+        if session.outcome != "abandoned":  # it had ended, but nobody got the last message
+            session.outcome = f"{session.outcome or 'ended'}, undelivered"
+        self._account(session)
+        self.forget(session)
+
+    def _account(self, session: Session) -> None:
+        outcome = session.outcome or "unknown"
+        self.metrics.sessions.labels(outcome=outcome.split(",")[0]).inc()
+        stats = session.stats()
+        if outcome == "done" and stats["rtf"] is not None:
+            self.metrics.rtf.observe(stats["rtf"])
+        rate = session.spec.format.sample_rate
+        log.info(
+            "session_end id=%s outcome=%s client=%s request_id=%s turns=%d/%d audio_s=%.2f "
+            "sent_s=%.2f ttfa_ms=%s rtf=%s wall_ms=%s queued_ms=%s",
+            session.id,
+            outcome.replace(" ", "_"),
+            session.spec.client,
+            session.spec.request_id,
+            session.counters.turns_done,
+            session.feed.total,
+            session.output.pts / rate,
+            session.counters.sent / rate,
+            stats["ttfa_ms"],
+            stats["rtf"],
+            stats["wall_ms"],
+            stats["queued_ms"],
+        )
+
+    def forget(self, session: Session) -> None:
+        session.stop()
+        self.running.discard(session.id)
+        self.sessions.pop(session.id, None)
+        self.store.forget(session.id)
+        self.archive.finish(session.id, None)
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def active_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.state not in ENDED and s.state is not State.QUEUED)
+
+    def detached_count(self) -> int:
+        return sum(1 for s in self.sessions.values() if not s.attached)
+
+
+def _bad_request(e: ValueError) -> ProtocolError:
+    code = getattr(e, "code", Code.BAD_FIELD)
+    return ProtocolError(Code(code), getattr(e, "message", str(e)), field=getattr(e, "field", None))

@@ -1,0 +1,122 @@
+"""Session state that must outlive a socket: resume tokens, the admission queue, and the ring
+of sent frames. One small interface with an in-memory default; across machines the same calls
+map onto Redis (docs/scaleout.md): SET tok:{id}, a ZSET ring:{id} keyed by frame index, a ZSET
+queue keyed by arrival, each with the same semantics as below.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class RingFrame:
+    index: int  # position in the session's message stream (every replayable message)
+    seq: int | None  # audio seq, for audio messages
+    end_pts: int  # samples of the session up to the end of this frame
+    data: bytes  # the packed message as sent
+
+
+class SessionStore(Protocol):
+    def register(self, session_id: str, resume_token: str) -> None: ...
+
+    def token_matches(self, session_id: str, resume_token: str) -> bool: ...
+
+    def forget(self, session_id: str) -> None: ...
+
+    def ring_append(self, session_id: str, frame: RingFrame) -> None: ...
+
+    def ring_after(self, session_id: str, last_seq: int) -> list[RingFrame] | None:
+        """Frames after the audio frame `last_seq` (-1: from the start); None if trimmed away."""
+
+    def ring_trim(self, session_id: str, keep_from_pts: int) -> None:
+        """Drop frames that end before `keep_from_pts`."""
+
+    def enqueue(self, session_id: str) -> None: ...
+
+    def dequeue(self, session_id: str) -> None: ...
+
+    def queue(self) -> list[str]:
+        """Waiting session ids, first in line first."""
+
+
+@dataclass
+class _Ring:
+    frames: deque[RingFrame] = field(default_factory=deque)
+    first_index: int = 0  # index of frames[0], or of the next frame when empty
+    trimmed_seq: int = -1  # the highest audio seq trimmed away
+
+
+class MemoryStore:
+    """The in-process default. Thread-safe: the engine threads and the event loop share it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[str, str] = {}
+        self._rings: dict[str, _Ring] = {}
+        self._queue: dict[str, int] = {}
+        self._arrival = itertools.count()
+
+    def register(self, session_id: str, resume_token: str) -> None:
+        with self._lock:
+            self._tokens[session_id] = resume_token
+            self._rings[session_id] = _Ring()
+
+    def token_matches(self, session_id: str, resume_token: str) -> bool:
+        with self._lock:
+            known = self._tokens.get(session_id)
+        return known is not None and hmac.compare_digest(known, resume_token)
+
+    def forget(self, session_id: str) -> None:
+        with self._lock:
+            self._tokens.pop(session_id, None)
+            self._rings.pop(session_id, None)
+            self._queue.pop(session_id, None)
+
+    def ring_append(self, session_id: str, frame: RingFrame) -> None:
+        with self._lock:
+            ring = self._rings.get(session_id)
+            if ring is not None:
+                if not ring.frames:
+                    ring.first_index = frame.index
+                ring.frames.append(frame)
+
+    def ring_after(self, session_id: str, last_seq: int) -> list[RingFrame] | None:
+        with self._lock:
+            ring = self._rings.get(session_id)
+            if ring is None or last_seq < ring.trimmed_seq:
+                return None
+            frames = list(ring.frames)
+        if last_seq < 0:
+            return frames if ring.trimmed_seq < 0 else None
+        for i, f in enumerate(frames):
+            if f.seq == last_seq:
+                return frames[i + 1 :]
+        # last_seq is not in the ring: it is either the last trimmed frame or not sent yet.
+        return frames if last_seq == ring.trimmed_seq else None
+
+    def ring_trim(self, session_id: str, keep_from_pts: int) -> None:
+        with self._lock:
+            ring = self._rings.get(session_id)
+            while ring and ring.frames and ring.frames[0].end_pts < keep_from_pts:
+                gone = ring.frames.popleft()
+                ring.first_index = gone.index + 1
+                if gone.seq is not None:
+                    ring.trimmed_seq = gone.seq
+
+    def enqueue(self, session_id: str) -> None:
+        with self._lock:
+            self._queue.setdefault(session_id, next(self._arrival))
+
+    def dequeue(self, session_id: str) -> None:
+        with self._lock:
+            self._queue.pop(session_id, None)
+
+    def queue(self) -> list[str]:
+        with self._lock:
+            return sorted(self._queue, key=self._queue.__getitem__)

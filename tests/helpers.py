@@ -1,0 +1,91 @@
+"""Helpers the tests share: run a session over a real WebSocket, decode its audio."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vibecast.protocol import Audio, Client, Done, Error, Progress, Ready
+from vibecast.protocol.opus import OpusDecoder
+
+DIALOGUE = [  # 4 speakers, 8 turns
+    (0, "Welcome back to the show. Today we are talking about streaming speech."),
+    (1, "Thanks for having me. It is a topic close to my heart."),
+    (2, "Let's start simple. Why does the first second of audio matter so much?"),
+    (3, "Because a listener decides in that second whether the thing feels alive."),
+    (0, "And after that second, what keeps it feeling alive?"),
+    (1, "No gaps, no clicks, and never running out of audio while the rest is made."),
+    (2, "So the server has to stay ahead of the listener the whole time."),
+    (3, "Exactly, and it should tell you how far ahead it is, every second."),
+]
+VOICES = ["joe", "joe-high", "joe-deep", "joe-bright"]
+
+
+def turns_of(dialogue: list[tuple[int, str]] = DIALOGUE) -> list[dict[str, Any]]:
+    return [{"speaker": s, "text": t} for s, t in dialogue]
+
+
+def speakers_of(n: int = 4) -> list[dict[str, Any]]:
+    return [{"voice": VOICES[i % len(VOICES)], "name": f"S{i}"} for i in range(n)]
+
+
+@dataclass
+class SessionResult:
+    ready: Ready
+    messages: list[Any] = field(default_factory=list)  # everything after ready, in order
+    close_code: int | None = None
+
+    @property
+    def audio(self) -> list[Audio]:
+        return [m for m in self.messages if isinstance(m, Audio)]
+
+    @property
+    def done(self) -> Done:
+        done = [m for m in self.messages if isinstance(m, Done)]
+        assert len(done) == 1, f"expected one done, got {self.kinds()}"
+        return done[0]
+
+    def kinds(self) -> list[str]:
+        return [m.type for m in self.messages if not isinstance(m, Progress)]
+
+
+async def run_session(url: str, speakers: list[dict[str, Any]] | None = None,
+                      turns: list[dict[str, Any]] | None = None, **start: Any) -> SessionResult:
+    async with await Client.connect(url) as client:
+        ready = await client.start(speakers or speakers_of(), turns or turns_of(), **start)
+        result = SessionResult(ready)
+        async for msg in client:
+            result.messages.append(msg)
+        result.close_code = client.close_code
+    return result
+
+
+def decode_packets(packets: list[bytes], rate: int = 48000) -> np.ndarray:
+    decoder = OpusDecoder(rate)
+    try:
+        return np.concatenate([decoder.decode(p) for p in packets])
+    finally:
+        decoder.close()
+
+
+def decode_session(result: SessionResult) -> np.ndarray:
+    """The session's audio as a client plays it: all packets, pre-skip dropped."""
+    rate = result.ready.format["sample_rate"]
+    x = decode_packets([p for a in result.audio for p in (a.packets or [])], rate)
+    return x[result.ready.format["pre_skip"] * rate // 48000 :]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)
+
+
+def first_error(messages: list[Any]) -> Error:
+    errors = [m for m in messages if isinstance(m, Error)]
+    assert errors, f"expected an error, got {[m.type for m in messages]}"
+    return errors[0]
+

@@ -1,0 +1,88 @@
+"""A 4-speaker, 8-turn dialogue through a real server and a real WebSocket client, with the
+default voice: message order, gapless seq, continuous pts, exact length after Opus decoding,
+speech in every turn, plausible durations, and four speakers that sound apart."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import numpy as np
+import pytest
+from helpers import DIALOGUE, decode_session, run_session
+
+from vibecast.engine.pitch import median_f0, semitones
+from vibecast.protocol import Audio, Progress, TurnEnd, TurnStart
+
+
+@pytest.fixture(scope="module")
+def dialogue(server):
+    return asyncio.run(run_session(server.ws_url, options={"seed": 11}))
+
+
+def test_messages_come_in_protocol_order(dialogue) -> None:
+    kinds = dialogue.kinds()
+    assert kinds[-1] == "done"
+    # Per turn: turn_start, then at least one audio, then turn_end.
+    turn_messages = [m for m in dialogue.messages if not isinstance(m, Progress)][:-1]
+    groups = [list(g) for _, g in itertools.groupby(turn_messages, key=lambda m: m.turn)]
+    assert [g[0].turn for g in groups] == list(range(len(DIALOGUE)))
+    for turn, group in enumerate(groups):
+        assert isinstance(group[0], TurnStart) and group[0].turn == turn
+        assert group[0].speaker == DIALOGUE[turn][0] and group[0].text == DIALOGUE[turn][1]
+        assert isinstance(group[-1], TurnEnd)
+        assert all(isinstance(m, Audio) for m in group[1:-1]) and len(group) > 2
+    assert dialogue.close_code == 1000
+
+
+def test_seq_is_gapless_and_pts_continuous(dialogue) -> None:
+    audio = dialogue.audio
+    assert [a.seq for a in audio] == list(range(len(audio)))
+    pts = 0
+    turn_start_pts = {}
+    for m in dialogue.messages:
+        if isinstance(m, TurnStart):
+            assert m.pts == pts
+            turn_start_pts[m.turn] = m.pts
+        elif isinstance(m, Audio):
+            assert m.pts == pts
+            pts += m.samples
+        elif isinstance(m, TurnEnd):
+            assert m.samples == pts - turn_start_pts[m.turn]
+    assert dialogue.done.samples == pts
+    assert dialogue.done.turns == len(DIALOGUE)
+
+
+def test_decoded_length_equals_done_samples(dialogue) -> None:
+    fmt = dialogue.ready.format
+    assert fmt["codec"] == "opus" and fmt["sample_rate"] == 48000 and fmt["pre_skip"] == 312
+    assert len(decode_session(dialogue)) == dialogue.done.samples
+    # Every packet is one 20 ms frame, as announced.
+    assert all(len(a.packets) * 960 >= a.samples for a in dialogue.audio)
+
+
+def _turn_audio(dialogue) -> list[np.ndarray]:
+    x = decode_session(dialogue)
+    starts = [m.pts for m in dialogue.messages if isinstance(m, TurnStart)]
+    ends = starts[1:] + [dialogue.done.samples]
+    return [x[a:b] for a, b in zip(starts, ends)]
+
+
+def test_every_turn_has_speech_of_plausible_length(dialogue) -> None:
+    for (speaker, text), audio in zip(DIALOGUE, _turn_audio(dialogue)):
+        seconds = len(audio) / 48000
+        rms_db = 20 * np.log10(np.sqrt(np.mean(audio**2)) + 1e-12)
+        assert rms_db > -35, f"turn {text!r} is near silent ({rms_db:.1f} dBFS)"
+        # People read 8-25 characters a second; allow for a pause at the turn's end.
+        assert len(text) / 25 <= seconds <= len(text) / 8 + 1.0, (text, seconds)
+
+
+def test_four_speakers_differ_in_pitch(dialogue) -> None:
+    per_speaker = {}
+    for (speaker, _), audio in zip(DIALOGUE, _turn_audio(dialogue)):
+        per_speaker.setdefault(speaker, []).append(audio)
+    medians = {s: median_f0(np.concatenate(a), 48000) for s, a in per_speaker.items()}
+    assert all(60 < f < 400 for f in medians.values()), medians
+    for a, b in itertools.combinations(sorted(medians), 2):
+        gap = abs(semitones(medians[a], medians[b]))
+        assert gap >= 2.0, f"speakers {a} and {b} are only {gap:.2f} semitones apart: {medians}"

@@ -1,0 +1,121 @@
+"""The `vibecast` command: serve, say, bench, synth."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+
+from .server.config import FIELDS
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per setting in server/config.py; names match the file and VIBECAST_* vars."""
+    p.add_argument("--config", help="TOML file with settings (flags and VIBECAST_* override it)")
+    for name, kind in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(flag, action="store_const", const=True, default=None)
+        elif name == "api_keys":
+            p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                           help="accept this API key (repeat for several)")
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.config import load_config
+    from .server.run import check_exposure, uvicorn_config
+
+    flags = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    try:
+        config = load_config(args.config, flags=flags)
+    except (ValueError, OSError) as e:
+        print(f"vibecast serve: {e}", file=sys.stderr)
+        return 2
+    check_exposure(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"vibecast: loading {config.model} ...", flush=True)
+    server = uvicorn.Server(uvicorn_config(config, log_level="info"))
+    server_config = server.config
+    state = server_config.app.state.vibecast
+
+    def announce() -> None:
+        state.ready.wait()
+        print(
+            f"vibecast: ready. Open http://{host}:{config.port}/ to listen "
+            f"(WebSocket ws://{host}:{config.port}/v1/stream)",
+            flush=True,
+        )
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vibecast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (default voice: Piper joe, on CPU)")
+    _add_server_flags(serve)
+
+    say = sub.add_parser("say", help="speak a script file into an .opus or .wav file")
+    say.add_argument("script", help="file of 'Speaker N: text' lines ('-' for stdin)")
+    say.add_argument("-o", "--out", required=True, help="output file: .opus, .ogg or .wav")
+    say.add_argument("--server", default="ws://127.0.0.1:8000/v1/stream", help="server to use")
+    say.add_argument("--token", help="API key, when the server needs one")
+    say.add_argument("--voice", action="append", metavar="VOICE",
+                     help="voice of the next speaker: a name from GET /v1/voices or a .wav/.ogg "
+                     "sample (repeat per speaker; default: the server's voices in order)")
+    say.add_argument("--seed", type=int, help="make the audio repeatable")
+    say.add_argument("--play-while", action="store_true", help="play the audio as it arrives")
+    say.add_argument("--quiet", action="store_true", help="no progress bar")
+    say.add_argument("--model", help="synthesize in this process instead of using a server "
+                     "(piper, a Piper .onnx, or a VibeVoice directory/hub id)")
+    say.add_argument("--voices", help="with --model: a directory of voice samples")
+    say.add_argument("--device", default="auto", help="with --model: cuda, cpu or auto")
+    say.add_argument("--dtype", default="auto", help="with --model: bfloat16, float32 or auto")
+
+    bench = sub.add_parser("bench", help="measure first-audio time, real-time factor, overlap")
+    bench.add_argument("--server", help="measure this running server (default: start one)")
+    bench.add_argument("--token", help="API key for --server")
+    bench.add_argument("--model", default="piper", help="the model to load when no --server")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--voices", help="directory of voice samples for the model")
+    bench.add_argument("--runs", type=int, default=10, help="first-audio samples to take (>= 10)")
+    bench.add_argument("--json", help="also write the results to this file")
+
+    synth = sub.add_parser("synth", help="VibeVoice: write the 24 kHz audio of a whole script")
+    synth.add_argument("--model", required=True, help="VibeVoice directory or hub id")
+    synth.add_argument("--script", required=True, help="file of 'Speaker N: text' lines")
+    synth.add_argument("--voice", action="append", default=[], help="voice sample per speaker")
+    synth.add_argument("--mode", default="continuous", choices=["continuous", "turns"])
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--steps", type=int, default=10, help="diffusion steps per frame")
+    synth.add_argument("--cfg-scale", type=float, default=1.3)
+    synth.add_argument("--dtype", default="float32")
+    synth.add_argument("--device", default="cpu")
+    synth.add_argument("--out", required=True, help="output .wav (32-bit float, 24 kHz)")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        code = _serve(args)
+    elif args.command == "say":
+        from .say import run_say
+
+        code = run_say(args)
+    elif args.command == "bench":
+        from .bench import run_bench
+
+        code = run_bench(args)
+    else:
+        from .synth import run_synth
+
+        code = run_synth(args)
+    sys.exit(code)
