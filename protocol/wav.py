@@ -53,8 +53,13 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     return x.reshape(-1, channels).mean(axis=1), rate
 
 
-def wav_bytes(x: np.ndarray, rate: int) -> bytes:
-    """16-bit mono WAV bytes."""
+def wav_bytes(x: np.ndarray, rate: int, float32: bool = False) -> bytes:
+    """Mono WAV bytes: 16-bit PCM, or 32-bit float (format 3) to keep samples exact."""
+    if float32:
+        body = np.asarray(x, dtype="<f4").tobytes()
+        fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+        chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(body)) + body
+        return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
         w.setnchannels(1)

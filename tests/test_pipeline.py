@@ -4,42 +4,14 @@ turn i, and the audio is the same with the overlap turned off."""
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
-from helpers import DIALOGUE
+from helpers import DIALOGUE, Instrumented
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
 from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted, run_turns
-
-
-@dataclass
-class Instrumented:
-    """Wraps a real backend and records when each stage of each turn starts and ends."""
-
-    inner: Any
-    spans: dict[tuple[str, int], list[float]] = field(default_factory=dict)
-    slots: dict[int, int] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def encode(self, session: Any, turn: Turn, slot: int) -> Any:
-        self.slots[turn.index] = slot
-        start = time.perf_counter()
-        encoded = self.inner.encode(session, turn, slot)
-        self.spans[("encode", turn.index)] = [start, time.perf_counter()]
-        return (turn.index, encoded)
-
-    def render(self, session: Any, encoded: Any) -> Iterator[np.ndarray]:
-        index, inner = encoded
-        start = time.perf_counter()
-        for chunk in self.inner.render(session, inner):
-            yield chunk
-        self.spans[("render", index)] = [start, time.perf_counter()]
 
 
 def _run(backend: Any, overlap: bool, seed: int = 5) -> tuple[list[Any], Instrumented]:

@@ -1,0 +1,101 @@
+"""Loading the official checkpoints: a local directory or a hub id, one file or shards.
+
+The module tree is built on the meta device and every tensor is assigned straight from the
+safetensors files in the requested dtype, so no random init happens and no second copy is
+made. A missing, unexpected or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import VibeVoiceConfig
+from .model import VibeVoice
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve(model: str) -> Path:
+    """A local directory as is; anything else is a hub id, downloaded (or found in the cache)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; is it a VibeVoice model directory?")
+        return path
+    if path.exists() or model.startswith((".", "/")):
+        raise CheckpointError(f"--model {model}: not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:  # the hub client raises many unrelated types
+        raise CheckpointError(
+            f"--model {model}: not a local directory, and fetching it from the Hugging Face hub "
+            f"failed ({type(e).__name__}: {e}). Download it elsewhere and pass the directory."
+        ) from None
+
+
+def checkpoint_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors or model.safetensors.index.json."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def load_model(
+    directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> VibeVoice:
+    cfg = VibeVoiceConfig.from_file(directory / "config.json")
+    with torch.device("meta"):
+        model = VibeVoice(cfg)
+    expected = expected_tensors(model)
+    files = checkpoint_files(directory)
+    missing = sorted(set(expected) - set(files))
+    unexpected = sorted(set(files) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        raise CheckpointError(
+            f"{directory}: the checkpoint does not match config.json: {'; '.join(parts)}. "
+            "Is this a VibeVoice 1.5B/7B checkpoint in the official layout?"
+        )
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != expected[name]:
+                    raise CheckpointError(
+                        f"{name} has shape {list(tensor.shape)} in {file.name} but config.json "
+                        f"implies {list(expected[name])}"
+                    )
+                state[name] = tensor.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    for name in ("speech_scaling_factor", "speech_bias_factor"):
+        value = getattr(model.model, name)
+        if not torch.isfinite(value):
+            raise CheckpointError(f"model.{name} in the checkpoint is not a finite number")
+    model.eval().requires_grad_(False)
+    return model

@@ -1,0 +1,98 @@
+"""`turns` mode: the prefix is encoded once, each turn is its own generation; the next turn's
+text stage overlaps the current render; memory does not grow with the number of turns."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers import Instrumented
+from vibevoice_helpers import reference, tiny_runtime
+
+from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
+from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed, run_turns
+from vibecast.engine.vibevoice.backend import VibeVoiceBackend
+
+SCRIPT = [
+    (0, "Hello there, and welcome to the show."),
+    (1, "Thanks, it is good to be here."),
+    (0, "Shall we start?"),
+    (1, "Good morning, good evening, welcome back."),
+    (0, "The quick brown fox jumps over the lazy dog."),
+    (1, "One line is enough here."),
+]
+
+
+@pytest.fixture(scope="module")
+def backend() -> VibeVoiceBackend:
+    fx, _ = reference()
+    voices = {"alice": fx["voice_0"].numpy(), "bob": fx["voice_1"].numpy()}
+    return VibeVoiceBackend(tiny_runtime(), "vibevoice:tiny", voices)
+
+
+def run(backend, turns, overlap=True, seed=3):
+    inst = Instrumented(backend)
+    session = backend.open_session(
+        [SpeakerVoice("A", voice_id="alice"), SpeakerVoice("B", voice_id="bob")], SynthesisParams(seed, "turns", 1.3, 5)
+    )
+    feed = TurnFeed([Turn(i, s, t) for i, (s, t) in enumerate(turns)])
+    events = list(run_turns(inst, session, feed, threading.Event(), overlap))
+    return events, inst, session
+
+
+def audio_of(events) -> list[np.ndarray]:
+    per_turn: dict[int, list[np.ndarray]] = {}
+    for e in events:
+        if isinstance(e, TurnAudio):
+            per_turn.setdefault(e.turn, []).append(e.pcm)
+    return [np.concatenate(per_turn.get(i, [np.zeros(0, np.float32)])) for i in range(len(SCRIPT))]
+
+
+def test_six_turns_overlap_and_end_at_speech_end(backend) -> None:
+    events, inst, _ = run(backend, SCRIPT)
+    assert [e.turn for e in events if isinstance(e, TurnEnded)] == list(range(6))
+    for i in range(5):
+        assert inst.spans[("encode", i + 1)][0] < inst.spans[("render", i)][1]
+    audio = audio_of(events)
+    assert all(len(a) % 3200 == 0 for a in audio)  # whole frames of 3200 samples
+    assert sum(len(a) for a in audio) > 0
+
+
+def test_same_audio_with_and_without_overlap(backend) -> None:
+    with_overlap = audio_of(run(backend, SCRIPT, overlap=True)[0])
+    without = audio_of(run(backend, SCRIPT, overlap=False)[0])
+    for a, b in zip(with_overlap, without):
+        np.testing.assert_array_equal(a, b)
+
+
+def kv_bytes(session) -> int:
+    vs = session.voice
+    caches = [vs.prefix] + [c for c in vs.slots if c is not None]
+    return sum(c.k.numel() * c.k.element_size() * 2 for c in caches)
+
+
+def test_memory_does_not_grow_with_turns(backend) -> None:
+    # Twice as many turns of the same lengths: the same two turn buffers, the same bytes.
+    _, _, six = run(backend, SCRIPT)
+    _, _, twelve = run(backend, SCRIPT * 2)
+    assert kv_bytes(twelve) == kv_bytes(six)
+    assert len([c for c in twelve.voice.slots if c is not None]) == 2
+
+
+def test_the_seed_makes_it_repeatable(backend) -> None:
+    a = audio_of(run(backend, SCRIPT[:2], seed=9)[0])
+    b = audio_of(run(backend, SCRIPT[:2], seed=9)[0])
+    c = audio_of(run(backend, SCRIPT[:2], seed=10)[0])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(len(x) and not np.array_equal(x, z) for x, z in zip(a, c))
+
+
+def test_turns_mode_streams_continuous_mode_refused(backend) -> None:
+    from vibecast.engine.backend import BadRequest
+
+    with pytest.raises(BadRequest, match="continuous"):
+        backend.check_params(SynthesisParams(0, "continuous"))
+    with pytest.raises(BadRequest, match="speakers\\[0\\].voice"):
+        backend.open_session([SpeakerVoice("A", voice_id="nobody")], SynthesisParams(0, "turns"))
