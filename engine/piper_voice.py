@@ -177,12 +177,13 @@ class PiperBackend:
         self.name = f"piper:{model_path.stem}"
         enc, dec, self._z_name = _split_graph(model_path)
         providers = ["CPUExecutionProvider"]
-        # The vocoder is ~80% of the work and gets the cores; the text stage runs beside it on
-        # one thread (measured on 2 cores: docs/benchmarks.md, "pipeline").
+        cores = threads or min(4, os.cpu_count() or 1)
+        # The vocoder is ~80% of the work and gets the cores; the text stage of turn i+1 runs
+        # beside turn i's render on one thread. Turn 0 has nothing to overlap with and decides
+        # the first-audio time, so it gets a session with all cores (docs/benchmarks.md).
         self._enc = ort.InferenceSession(enc, _options(1), providers=providers)
-        self._dec = ort.InferenceSession(
-            dec, _options(threads or min(4, os.cpu_count() or 1)), providers=providers
-        )
+        self._enc_first = ort.InferenceSession(enc, _options(cores), providers=providers)
+        self._dec = ort.InferenceSession(dec, _options(cores), providers=providers)
         self._phonemizer = EspeakPhonemizer(ESPEAK_DATA_DIR)
         self._phonemize_lock = threading.Lock()  # espeak-ng keeps global state
         self.lanes = CpuLanes()
@@ -258,13 +259,14 @@ class PiperBackend:
         length_scale = self.config.length_scale * pitch / style.pace
         scales = np.array([session.noise_scale, length_scale, session.noise_w], np.float32)
         latents = []
+        session_ = self._enc_first if turn.index == 0 else self._enc
         for piece in _pieces(turn.text):
             for ids in self._phoneme_ids(piece):
                 n = len(ids)
                 noise_w = session.rng.standard_normal((1, 2, n), dtype=np.float32)
                 frames = int(4 * length_scale * n) + 64  # ~2 frames per id are typical
                 noise_z = session.rng.standard_normal((1, 192, frames), dtype=np.float32)
-                (z,) = self._enc.run(
+                (z,) = session_.run(
                     None,
                     {
                         "input": np.array([ids], dtype=np.int64),

@@ -49,6 +49,7 @@ class Sessions:
     # -- policy --------------------------------------------------------------------------------
 
     def check_turns(self, turns: list[TurnSpec], before: int, chars_before: int) -> list[Turn]:
+        """Turns numbered after `before`, or too_long naming the turn that crosses a limit."""
         lim = self.limits
         if before + len(turns) > lim.max_turns:
             raise ProtocolError(
@@ -56,24 +57,29 @@ class Sessions:
                 f"turns: the script would have {before + len(turns)}; this server allows "
                 f"{lim.max_turns} (limits.max_turns). Split it into several sessions.",
                 field="turns",
+                turn=lim.max_turns,
             )
-        chars = chars_before + sum(len(t.text) for t in turns)
-        if chars > lim.max_chars:
-            raise ProtocolError(
-                Code.TOO_LONG,
-                f"turns: the script has {chars} characters; this server allows {lim.max_chars} "
-                "(limits.max_chars). Split it into several sessions.",
-                field="turns",
-            )
-        seconds = chars * self.backend.seconds_per_char()
-        if seconds > lim.max_audio_s:
-            raise ProtocolError(
-                Code.TOO_LONG,
-                f"turns: the script would make about {seconds / 60:.0f} minutes of audio; this server "
-                f"allows {lim.max_audio_s / 60:.0f} (limits.max_audio_s). Split it into several "
-                "sessions.",
-                field="turns",
-            )
+        rate = self.backend.seconds_per_char()
+        chars = chars_before
+        for i, t in enumerate(turns):
+            chars += len(t.text)
+            if chars > lim.max_chars:
+                raise ProtocolError(
+                    Code.TOO_LONG,
+                    f"turns[{i}] takes the script to {chars} characters; this server allows "
+                    f"{lim.max_chars} (limits.max_chars). Split it into several sessions.",
+                    field=f"turns[{i}].text",
+                    turn=before + i,
+                )
+            if chars * rate > lim.max_audio_s:
+                raise ProtocolError(
+                    Code.TOO_LONG,
+                    f"turns[{i}] takes the script to about {chars * rate / 60:.0f} minutes of audio; "
+                    f"this server allows {lim.max_audio_s / 60:.0f} (limits.max_audio_s). Split it "
+                    "into several sessions.",
+                    field=f"turns[{i}].text",
+                    turn=before + i,
+                )
         return [Turn(before + i, t.speaker, t.text.strip()) for i, t in enumerate(turns)]
 
     def validate(self, start: Start, client: str) -> SessionSpec:

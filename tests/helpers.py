@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from vibecast.engine.backend import Turn
 from vibecast.protocol import Audio, Client, Done, Error, Progress, Ready
 from vibecast.protocol.opus import OpusDecoder
 
@@ -90,30 +88,3 @@ def first_error(messages: list[Any]) -> Error:
     errors = [m for m in messages if isinstance(m, Error)]
     assert errors, f"expected an error, got {[m.type for m in messages]}"
     return errors[0]
-
-
-
-@dataclass
-class Instrumented:
-    """Wraps a real backend and records when each stage of each turn starts and ends."""
-
-    inner: Any
-    spans: dict[tuple[str, int], list[float]] = field(default_factory=dict)
-    slots: dict[int, int] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def encode(self, session: Any, turn: Turn, slot: int) -> Any:
-        self.slots[turn.index] = slot
-        start = time.perf_counter()
-        encoded = self.inner.encode(session, turn, slot)
-        self.spans[("encode", turn.index)] = [start, time.perf_counter()]
-        return (turn.index, encoded)
-
-    def render(self, session: Any, encoded: Any) -> Iterator[np.ndarray]:
-        index, inner = encoded
-        start = time.perf_counter()
-        for chunk in self.inner.render(session, inner):
-            yield chunk
-        self.spans[("render", index)] = [start, time.perf_counter()]

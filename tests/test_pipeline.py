@@ -8,14 +8,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import DIALOGUE, Instrumented
+from helpers import DIALOGUE
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
+from vibecast.engine.instrument import TimedBackend
 from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted, run_turns
 
 
-def _run(backend: Any, overlap: bool, seed: int = 5) -> tuple[list[Any], Instrumented]:
-    inst = Instrumented(backend)
+def _run(backend: Any, overlap: bool, seed: int = 5) -> tuple[list[Any], TimedBackend]:
+    inst = TimedBackend(backend)
     speakers = [SpeakerVoice(v.id, voice_id=v.id) for v in backend.voices()]
     session = backend.open_session(speakers, SynthesisParams(seed=seed, mode="turns"))
     turns = [Turn(i, s, t) for i, (s, t) in enumerate(DIALOGUE)]

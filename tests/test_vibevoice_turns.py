@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers import Instrumented
 from vibevoice_helpers import reference, tiny_runtime
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
+from vibecast.engine.instrument import TimedBackend
 from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed, run_turns
 from vibecast.engine.vibevoice.backend import VibeVoiceBackend
 
@@ -33,7 +33,7 @@ def backend() -> VibeVoiceBackend:
 
 
 def run(backend, turns, overlap=True, seed=3):
-    inst = Instrumented(backend)
+    inst = TimedBackend(backend)
     session = backend.open_session(
         [SpeakerVoice("A", voice_id="alice"), SpeakerVoice("B", voice_id="bob")], SynthesisParams(seed, "turns", 1.3, 5)
     )

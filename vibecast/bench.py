@@ -1,11 +1,14 @@
 """`vibecast bench`: numbers, not assertions.
 
+For any model:
 - first audio: time from sending `start` to the first `audio` message, over `--runs` sessions
-  on a warm server (each cancelled once its first audio arrives), p50 and p95;
-- real-time factor of a whole 4-speaker, 8-turn dialogue (engine compute / audio length, as
-  the server reports it, and client wall time / audio length);
-- the same dialogue through the turn pipeline in this process, with and without overlap;
-- each default voice's median pitch and speaking rate, measured on the audio.
+  of a 4-speaker script on a warm server (each cancelled once its first audio arrives);
+- real-time factor of a 4-speaker, 8-turn dialogue, as the server reports it (engine compute /
+  audio) and as the client sees it (wall / audio);
+- the same dialogue through the turn pipeline in this process, with and without the overlap,
+  and the share of each next turn's text stage that ran hidden behind the current render.
+For the Piper voice: each default voice's median pitch and speaking rate, measured on the audio.
+For VibeVoice: the time to compute one frame (LM step, CFG diffusion, decoder, semantic encoder).
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import Any
 import numpy as np
 
 from .engine.backend import SpeakerVoice, SynthesisParams, Turn
+from .engine.instrument import TimedBackend
 from .engine.pipeline import TurnAudio, TurnFeed, run_turns
 from .engine.pitch import median_f0
-from .protocol import Audio, Client, Done, TurnEnd
+from .protocol import Audio, Client, Done
 from .protocol.opus import OpusDecoder
+from .protocol.wav import wav_bytes
 
 DIALOGUE = [
     (0, "Welcome back to the show. Today we are talking about streaming speech."),
@@ -43,15 +48,35 @@ def _turns() -> list[dict[str, Any]]:
     return [{"speaker": s, "text": t} for s, t in DIALOGUE]
 
 
-async def first_audio_times(url: str, token: str | None, voices: list[str], runs: int) -> list[float]:
-    speakers = [{"voice": voices[i % len(voices)]} for i in range(4)]
+def synthetic_voice(i: int, seconds: float = 3.0) -> np.ndarray:
+    """A harmonic tone with vibrato, for models that need a voice prompt and have none."""
+    t = np.arange(int(24000 * seconds)) / 24000
+    f0 = 110.0 * 2 ** (i / 4)
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.03 * np.sin(2 * np.pi * 5 * t))) / 24000
+    return (0.2 * sum(np.sin(k * phase) / k for k in range(1, 6))).astype(np.float32)
+
+
+def speaker_specs(voices: list[str]) -> list[dict[str, Any]]:
+    if voices:
+        return [{"voice": voices[i % len(voices)]} for i in range(4)]
+    return [{"voice_audio": wav_bytes(synthetic_voice(i), 24000), "voice_format": "wav"} for i in range(4)]
+
+
+def speaker_voices(backend: Any) -> list[SpeakerVoice]:
+    voices = backend.voices()
+    if voices:
+        return [SpeakerVoice(voices[i % len(voices)].id, voice_id=voices[i % len(voices)].id) for i in range(4)]
+    return [SpeakerVoice(f"s{i}", audio=synthetic_voice(i), audio_rate=24000) for i in range(4)]
+
+
+async def first_audio_times(url: str, token: str | None, speakers: list[dict[str, Any]], runs: int) -> list[float]:
     times = []
     for i in range(runs + 1):  # the first run warms caches and is not counted
         async with await Client.connect(url, token=token) as client:
             t0 = time.perf_counter()
             await client.start(speakers, _turns(), options={"seed": i})
             async for msg in client:
-                if isinstance(msg, Audio):
+                if isinstance(msg, Audio) and msg.samples:
                     if i:
                         times.append(time.perf_counter() - t0)
                     await client.cancel()
@@ -61,61 +86,63 @@ async def first_audio_times(url: str, token: str | None, voices: list[str], runs
     return times
 
 
-async def full_dialogue(url: str, token: str | None, voices: list[str]) -> dict[str, Any]:
-    speakers = [{"voice": voices[i % len(voices)]} for i in range(4)]
+async def full_dialogue(url: str, token: str | None, speakers: list[dict[str, Any]], pitch: bool) -> dict[str, Any]:
     decoder = OpusDecoder(48000)
     per_turn: dict[int, list[np.ndarray]] = {}
     async with await Client.connect(url, token=token) as client:
         t0 = time.perf_counter()
         ready = await client.start(speakers, _turns(), options={"seed": 1})
-        skip = ready.format["pre_skip"]
         done: Done | None = None
         async for msg in client:
             if isinstance(msg, Audio) and msg.packets:
                 per_turn.setdefault(msg.turn, []).extend(decoder.decode(p) for p in msg.packets)
             elif isinstance(msg, Done):
                 done = msg
-            elif isinstance(msg, TurnEnd):
-                pass
         wall = time.perf_counter() - t0
     assert done is not None, "the server closed before done"
     audio_s = done.duration_ms / 1000
-    voices_out = {}
-    for speaker in range(4):
-        chunks = [np.concatenate(per_turn[t]) for t, (s, _) in enumerate(DIALOGUE) if s == speaker]
-        audio = np.concatenate(chunks)
-        if speaker == DIALOGUE[0][0]:
-            audio = audio[skip:]
-        chars = sum(len(text) for s, text in DIALOGUE if s == speaker)
-        voices_out[speakers[speaker]["voice"]] = {
-            "median_f0_hz": round(median_f0(audio, 48000), 1),
-            "chars_per_s": round(chars / (len(audio) / 48000), 1),
-        }
-    return {
+    out: dict[str, Any] = {
         "audio_s": audio_s,
         "wall_s": round(wall, 3),
         "rtf_engine": done.stats.get("rtf"),
-        "rtf_wall": round(wall / audio_s, 4),
-        "ttfa_ms": done.stats.get("ttfa_ms"),
-        "voices": voices_out,
+        "rtf_wall": round(wall / audio_s, 4) if audio_s else None,
     }
+    if pitch:
+        skip = ready.format["pre_skip"]
+        voices = {}
+        for speaker in range(4):
+            turns = [t for t, (s, _) in enumerate(DIALOGUE) if s == speaker]
+            audio = np.concatenate([np.concatenate(per_turn[t]) for t in turns])
+            if turns[0] == 0:
+                audio = audio[skip:]
+            chars = sum(len(text) for s, text in DIALOGUE if s == speaker)
+            voices[speakers[speaker]["voice"]] = {
+                "median_f0_hz": round(median_f0(audio, 48000), 1),
+                "chars_per_s": round(chars / (len(audio) / 48000), 1),
+            }
+        out["voices"] = voices
+    return out
 
 
 def pipeline_walls(backend: Any, repeats: int = 3) -> dict[str, Any]:
-    speakers = [SpeakerVoice(v.id, voice_id=v.id) for v in backend.voices()[:4]]
-    turns = [Turn(i, s % len(speakers), t) for i, (s, t) in enumerate(DIALOGUE)]
+    speakers = speaker_voices(backend)
+    turns = [Turn(i, s, t) for i, (s, t) in enumerate(DIALOGUE)]
     walls: dict[str, list[float]] = {"pipelined": [], "sequential": []}
+    hidden: list[float] = []
     samples = 0
     for r in range(repeats):
         for name, overlap in (("pipelined", True), ("sequential", False)):
+            timed = TimedBackend(backend)
             session = backend.open_session(speakers, SynthesisParams(seed=r, mode=backend.modes[0]))
             t0 = time.perf_counter()
             samples = sum(
                 len(e.pcm)
-                for e in run_turns(backend, session, TurnFeed(turns), threading.Event(), overlap)
+                for e in run_turns(timed, session, TurnFeed(turns), threading.Event(), overlap)
                 if isinstance(e, TurnAudio)
             )
             walls[name].append(time.perf_counter() - t0)
+            if overlap:
+                hidden.append(timed.hidden_fraction(len(turns)))
             backend.close_session(session)
     pipelined = statistics.median(walls["pipelined"])
     sequential = statistics.median(walls["sequential"])
@@ -124,6 +151,43 @@ def pipeline_walls(backend: Any, repeats: int = 3) -> dict[str, Any]:
         "pipelined_s": round(pipelined, 3),
         "sequential_s": round(sequential, 3),
         "saved_pct": round(100 * (1 - pipelined / sequential), 1),
+        "encode_hidden_pct": round(100 * statistics.median(hidden), 1),
+    }
+
+
+def frame_times(backend: Any, frames: int = 40, steps: int = 10) -> dict[str, Any]:
+    """The cost of one VibeVoice frame, on the real hot path, independent of token choices."""
+    import torch
+
+    from .engine.vibevoice.generate import encode_turn, open_session
+
+    rt = backend.rt
+    sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
+    vs = open_session(rt, [synthetic_voice(0)], seed=0, cfg_scale=1.3, steps=steps)
+    turn = encode_turn(rt, vs, 0, "A sentence long enough to give the frames some room to run.", 0)
+    s = turn.streams
+    times = []
+    with torch.inference_mode():
+        for i in range(frames + 5):
+            sync()
+            t0 = time.perf_counter()
+            audio, emb = rt.speech(s, rt.noise(vs.gen), 1.3, steps, vs.acoustic, vs.semantic)
+            s.neg += 1
+            rt.step(s, emb)
+            rt.choose(s.h_pos)
+            audio.cpu()
+            sync()
+            if i >= 5:  # after warm-up
+                times.append(time.perf_counter() - t0)
+    ms = [t * 1000 for t in times]
+    return {
+        "frames": len(ms),
+        "diffusion_steps": steps,
+        "p50_ms": round(statistics.median(ms), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+        "rtf": round(statistics.median(ms) / (1000 * 3200 / 24000), 4),
+        "device": str(rt.device),
+        "dtype": str(rt.dtype).replace("torch.", ""),
     }
 
 
@@ -139,6 +203,7 @@ def run_bench(args: Any) -> int:
     runs = max(10, args.runs)
     backend = load_backend(args.model, args.device, args.dtype, args.voices)
     backend.warmup()
+    is_vibevoice = hasattr(backend, "rt")
     server = None
     url = args.server
     if url is None:
@@ -146,14 +211,19 @@ def run_bench(args: Any) -> int:
         server = ServerThread(config, backend=backend).start()
         url = server.ws_url
     try:
-        voices = [v.id for v in backend.voices()] if args.server is None else _server_voices(url, args.token)
-        ttfa = asyncio.run(first_audio_times(url, args.token, voices, runs))
-        dialogue = asyncio.run(full_dialogue(url, args.token, voices))
+        if args.server is None:
+            voices = [v.id for v in backend.voices()]
+        else:
+            from .say import fetch_voices
+
+            voices = fetch_voices(url, args.token)
+        speakers = speaker_specs(voices)
+        ttfa = asyncio.run(first_audio_times(url, args.token, speakers, runs))
+        dialogue = asyncio.run(full_dialogue(url, args.token, speakers, pitch=not is_vibevoice))
     finally:
         if server is not None:
             server.stop()
-    walls = pipeline_walls(backend)
-    result = {
+    result: dict[str, Any] = {
         "model": backend.name,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.system()} {platform.release()}",
@@ -165,19 +235,15 @@ def run_bench(args: Any) -> int:
             "max": round(max(ttfa) * 1000, 1),
         },
         "dialogue": dialogue,
-        "pipeline": walls,
+        "pipeline": pipeline_walls(backend),
     }
+    if is_vibevoice:
+        result["frame"] = frame_times(backend)
     _print(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
-
-
-def _server_voices(url: str, token: str | None) -> list[str]:
-    from .say import fetch_voices
-
-    return fetch_voices(url, token)
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -189,6 +255,11 @@ def _print(r: dict[str, Any]) -> None:
     print(f"8-turn dialogue  {d['audio_s']:.1f} s audio in {d['wall_s']:.2f} s: RTF engine "
           f"{d['rtf_engine']}, RTF wall {d['rtf_wall']}")
     print(f"pipeline  pipelined {p['pipelined_s']} s  sequential {p['sequential_s']} s  "
-          f"({p['saved_pct']}% saved, {p['audio_s']} s audio)")
-    for voice, v in d["voices"].items():
+          f"({p['saved_pct']}% saved; {p['encode_hidden_pct']}% of the next turn's text stage "
+          f"hidden behind the render; {p['audio_s']} s audio)")
+    for voice, v in d.get("voices", {}).items():
         print(f"voice {voice:12s} median F0 {v['median_f0_hz']:6.1f} Hz   {v['chars_per_s']} chars/s")
+    if "frame" in r:
+        fr = r["frame"]
+        print(f"frame  p50 {fr['p50_ms']} ms, mean {fr['mean_ms']} ms over {fr['frames']} frames "
+              f"({fr['diffusion_steps']} diffusion steps, {fr['device']} {fr['dtype']}): RTF {fr['rtf']}")

@@ -18,7 +18,7 @@ from ..resample import resample
 from .config import SAMPLE_RATE
 from .generate import EncodedTurn, Runtime, VoiceSession, encode_turn, open_session, render_turn
 from .tokenizer import TextTokenizer
-from .weights import load_model, resolve
+from .weights import load_model, random_model, resolve
 
 AUDIO_SUFFIXES = (".wav", ".ogg", ".opus")
 
@@ -80,10 +80,16 @@ class VibeVoiceBackend:
 
     @staticmethod
     def load(model: str, device: str = "auto", dtype: str = "auto", voices: str | None = None) -> VibeVoiceBackend:
-        directory = resolve(model)
         dev = pick_device(device)
         dt = pick_dtype(dtype, dev)
-        rt = Runtime(load_model(directory, dev, dt), TextTokenizer.load(directory), dev, dt)
+        if model.startswith("random:"):  # released dimensions, random weights: for benchmarks
+            size = model.split(":", 1)[1]
+            rt = Runtime(random_model(size, dev, dt), TextTokenizer.placeholder(), dev, dt)
+            name = f"vibevoice:random-{size}"
+        else:
+            directory = resolve(model)
+            rt = Runtime(load_model(directory, dev, dt), TextTokenizer.load(directory), dev, dt)
+            name = f"vibevoice:{directory.name}"
         catalogue: dict[str, np.ndarray] = {}
         if voices:
             folder = Path(voices)
@@ -95,7 +101,7 @@ class VibeVoiceBackend:
                     catalogue[f.stem] = at_24k(audio, rate)
             if not catalogue:
                 raise ValueError(f"--voices {voices}: no .wav, .ogg or .opus files in it")
-        return VibeVoiceBackend(rt, f"vibevoice:{directory.name}", catalogue)
+        return VibeVoiceBackend(rt, name, catalogue)
 
     def voices(self) -> list[Voice]:
         return [

@@ -60,6 +60,18 @@ class TextTokenizer:
             ) from None
         return TextTokenizer.from_tokenizer(Tokenizer.from_file(path))
 
+    @staticmethod
+    def placeholder() -> TextTokenizer:
+        """A byte tokenizer with the special tokens, for random-weight models (benchmarks)."""
+        from tokenizers import decoders, models, pre_tokenizers
+
+        vocab = {chr(c) if chr(c).isprintable() else f"<0x{c:02X}>": c for c in range(256)}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+        tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens(list(SPECIAL.values()))
+        return TextTokenizer.from_tokenizer(tok)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 

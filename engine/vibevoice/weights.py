@@ -99,3 +99,30 @@ def load_model(
             raise CheckpointError(f"model.{name} in the checkpoint is not a finite number")
     model.eval().requires_grad_(False)
     return model
+
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def random_model(size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> VibeVoice:
+    """A model of the released dimensions with random weights (`--model random:1.5b`), for
+    measuring speed where the real weights cannot be had. Its audio is noise."""
+    path = CONFIGS / f"vibevoice-{size}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem.split("-", 1)[1] for p in CONFIGS.glob("*.json")))
+        raise CheckpointError(f"--model random:{size}: no such size; known: {known}")
+    cfg = VibeVoiceConfig.from_file(path)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = VibeVoice(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            elif "norm" in name or name.endswith("gamma"):
+                p.fill_(1.0 if "norm" in name else 0.1)
+            else:
+                p.zero_()
+        model.model.speech_scaling_factor.fill_(0.2)
+        model.model.speech_bias_factor.fill_(-0.05)
+    return model.eval().requires_grad_(False)

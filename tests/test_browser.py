@@ -1,0 +1,142 @@
+"""The live-playback page in a real browser: Debian's chromium, driven by Playwright (never
+`playwright install`), against a live server with the default voice. Once with WebCodecs'
+AudioDecoder, once with it removed so the WASM libopus fallback plays."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from conftest import running_server
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (scripts/setup.sh --test)"),
+]
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+    "--autoplay-policy=no-user-gesture-required",
+]
+
+SCRIPT = """Speaker 1: Welcome back. Today we talk about streaming speech.
+Speaker 2: Thanks for having me.
+Speaker 3: Why does the first second matter so much?
+Speaker 1: Because listeners decide right away.
+Speaker 2: And then it has to keep going without gaps.
+Speaker 3: That is what we are here to check."""
+
+MAX_CHARS = 2000
+
+
+@pytest.fixture(scope="module")
+def live(piper) -> Iterator[Any]:
+    with running_server(piper, max_chars=MAX_CHARS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, live, fallback: bool, viewport=(1280, 800)):
+    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    if fallback:
+        page.add_init_script("delete window.AudioDecoder; delete window.AudioEncoder;")
+    page.goto(live.http_url + "/")
+    page.wait_for_function("window.vibecast && window.vibecast.ready", timeout=30000)
+    return page, errors
+
+
+def stats(page) -> dict[str, Any]:
+    return page.evaluate("window.vibecast.stats")
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["webcodecs", "wasm"])
+def test_play_a_dialogue(browser, live, artifacts: Path, fallback: bool) -> None:
+    page, errors = open_page(browser, live, fallback)
+    page.fill('[data-testid="script"]', SCRIPT)
+    assert page.locator('[data-testid="turn-5"]').inner_text().startswith("Speaker 3")
+    page.click('[data-testid="play"]')
+
+    page.wait_for_function("window.vibecast.stats.ttfa_ms !== null", timeout=30000)
+    s = stats(page)
+    assert s["ttfa_ms"] < 1000, f"first decoded audio {s['ttfa_ms']} ms after the press"
+    assert s["decoder"] == ("WASM (libopus)" if fallback else "WebCodecs")
+
+    page.wait_for_function("window.vibecast.stats.current_turn >= 2", timeout=60000)
+    name = "web_demo_playing_wasm.png" if fallback else "web_demo_playing.png"
+    page.screenshot(path=str(artifacts / name))
+    assert page.locator('[data-testid="turn-2"]').get_attribute("class").find("current") >= 0
+
+    page.wait_for_function("window.vibecast.stats.state === 'done'", timeout=120000)
+    s = stats(page)
+    assert s["highlighted"] == [0, 1, 2, 3, 4, 5]  # every turn, in order, once
+    assert s["session_samples"] > 48000 * 5
+    assert abs(s["played_samples"] - s["session_samples"]) <= 960  # one 20 ms frame
+    assert s["underruns"] == 0, f"underruns at {s['underrun_at']}"
+    assert page.locator('[data-testid="status"]').inner_text() == "done"
+    href = page.locator('[data-testid="download"]').get_attribute("href")
+    assert href and href.endswith("/audio.opus")
+    assert errors == []
+    page.close()
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["webcodecs", "wasm"])
+def test_stop_silences_at_once(browser, live, fallback: bool) -> None:
+    page, errors = open_page(browser, live, fallback)
+    page.fill('[data-testid="script"]', SCRIPT)
+    page.click('[data-testid="play"]')
+    page.wait_for_function("window.vibecast.stats.played_samples > 48000", timeout=60000)
+    page.click('[data-testid="stop"]')
+    page.wait_for_function("window.vibecast.stats.state === 'stopped' && window.vibecast.stats.stop_silence_ms !== null", timeout=10000)
+    s = stats(page)
+    assert s["stop_silence_ms"] < 200
+    # The server closes the socket after `cancelled`: once closed, nothing more can arrive.
+    page.wait_for_function("window.vibecast.stats.closed_code !== null", timeout=10000)
+    after = stats(page)
+    assert after["closed_code"] == 1000
+    assert after["audio_after_cancel"] == 0
+    assert after["played_samples"] == s["played_samples"]  # the player stayed silent
+    assert errors == []
+    page.close()
+
+
+def test_over_limit_script_shows_the_error(browser, live) -> None:
+    page, _ = open_page(browser, live, fallback=False)
+    lines = [f"Speaker {1 + i % 3}: " + "This sentence is long enough to fill the script. " * 3 for i in range(20)]
+    page.fill('[data-testid="script"]', "\n".join(lines))
+    page.click('[data-testid="play"]')
+    page.wait_for_function("window.vibecast.stats.error !== null", timeout=30000)
+    error = page.locator("#error")
+    assert error.is_visible()
+    text = error.inner_text()
+    assert "max_chars" in text and str(MAX_CHARS) in text
+    bad = stats(page)["error"]["turn"]
+    assert bad is not None and "bad" in page.locator(f'[data-testid="turn-{bad}"]').get_attribute("class")
+    assert page.locator('[data-testid="play"]').is_enabled()  # a corrected script can be played
+    page.close()
+
+
+def test_page_fits_a_phone(browser, live, artifacts: Path) -> None:
+    page, _ = open_page(browser, live, fallback=False, viewport=(390, 844))
+    page.fill('[data-testid="script"]', SCRIPT)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390  # no sideways scrolling
+    page.screenshot(path=str(artifacts / "web_demo_phone.png"), full_page=True)
+    page.close()

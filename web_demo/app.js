@@ -1,0 +1,375 @@
+// The live-playback page: edit a dialogue, press Play, hear it while it is being made.
+// Tests read window.vibecast.stats; every control has a data-testid.
+
+import { decode, encode } from "./msgpack.js";
+import { Player } from "./player.js";
+
+const COLORS = ["#e4572e", "#2e86ab", "#5b8c1a", "#a23b72"];
+const LINE = /^\s*speaker\s+(\d+)\s*:\s*(.*?)\s*$/i;
+const params = new URLSearchParams(location.search);
+const token = params.get("token");
+
+const el = (id) => document.getElementById(id);
+const stats = {
+  state: "idle",
+  ttfa_ms: null,
+  played_samples: 0,
+  received_samples: 0,
+  underruns: 0,
+  current_turn: -1,
+  session_samples: null,
+  lead_ms: 0,
+  rtf: null,
+  decoder: "",
+  stop_silence_ms: null,
+  audio_after_cancel: 0,
+  highlighted: [], // turns in the order they were highlighted
+  underrun_at: [], // played_samples at each underrun
+  closed_code: null, // the WebSocket's close code once it closed
+  error: null,
+};
+window.vibecast = { stats };
+
+let voices = [];
+const speakerSettings = new Map(); // script speaker number -> {name, voice, upload}
+let script = { turns: [], errors: [], speakers: [] };
+let session = null;
+
+const player = new Player(onWorklet, onFirstAudio, (message) => fail("internal", message));
+
+// -- the script ---------------------------------------------------------------------------------
+
+function parse(text) {
+  const turns = [];
+  const errors = [];
+  text.split("\n").forEach((raw, line) => {
+    if (!raw.trim() || raw.trim().startsWith("#")) return;
+    const m = raw.match(LINE);
+    if (!m) errors.push({ line, message: `line ${line + 1}: expected "Speaker N: text"` });
+    else if (!m[2]) errors.push({ line, message: `line ${line + 1}: Speaker ${m[1]} has nothing to say` });
+    else turns.push({ number: Number(m[1]), text: m[2], line });
+  });
+  const numbers = [...new Set(turns.map((t) => t.number))].sort((a, b) => a - b);
+  for (const t of turns) t.speaker = numbers.indexOf(t.number);
+  return { turns, errors, speakers: numbers };
+}
+
+function colorOf(speaker) {
+  return COLORS[speaker % COLORS.length];
+}
+
+function renderTurns() {
+  const list = el("turns");
+  list.replaceChildren();
+  script.turns.forEach((t, i) => {
+    const li = document.createElement("li");
+    li.dataset.testid = `turn-${i}`;
+    li.style.setProperty("--c", colorOf(t.speaker));
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = speakerSettings.get(t.number)?.name || `Speaker ${t.number}`;
+    const what = document.createElement("span");
+    what.className = "what";
+    what.textContent = t.text;
+    li.append(who, what);
+    list.append(li);
+  });
+  for (const e of script.errors) {
+    const li = document.createElement("li");
+    li.className = "parse-error";
+    li.textContent = e.message;
+    list.append(li);
+  }
+}
+
+function renderSpeakers() {
+  const box = el("speakers");
+  box.replaceChildren();
+  script.speakers.forEach((number, i) => {
+    if (!speakerSettings.has(number)) {
+      speakerSettings.set(number, { name: `Speaker ${number}`, voice: voices[i % Math.max(1, voices.length)]?.id, upload: null });
+    }
+    const s = speakerSettings.get(number);
+    const row = document.createElement("div");
+    row.className = "speaker";
+    row.style.setProperty("--c", colorOf(i));
+    const dot = document.createElement("span");
+    dot.className = "dot";
+    const name = document.createElement("input");
+    name.value = s.name;
+    name.setAttribute("aria-label", `name of speaker ${number}`);
+    name.oninput = () => { s.name = name.value; renderTurns(); };
+    const select = document.createElement("select");
+    select.setAttribute("aria-label", `voice of speaker ${number}`);
+    for (const v of voices) {
+      const o = new Option(v.name, v.id, false, v.id === s.voice && !s.upload);
+      o.title = v.description;
+      select.append(o);
+    }
+    const uploadOption = new Option(s.upload ? `⤒ ${s.upload.name}` : "⤒ Upload a voice…", "__upload", false, !!s.upload);
+    select.append(uploadOption);
+    const file = document.createElement("input");
+    file.type = "file";
+    file.accept = ".wav,.ogg,.opus,audio/wav,audio/ogg";
+    file.hidden = true;
+    file.onchange = async () => {
+      const f = file.files[0];
+      if (!f) return;
+      s.upload = { name: f.name, bytes: new Uint8Array(await f.arrayBuffer()), format: /\.wav$/i.test(f.name) ? "wav" : "ogg" };
+      renderSpeakers();
+    };
+    select.onchange = () => {
+      if (select.value === "__upload") file.click();
+      else { s.voice = select.value; s.upload = null; }
+    };
+    row.append(dot, name, select, file);
+    box.append(row);
+  });
+  if (script.speakers.length > 4) {
+    const warn = document.createElement("p");
+    warn.className = "warn";
+    warn.textContent = `${script.speakers.length} speakers: the server takes at most 4.`;
+    box.append(warn);
+  }
+}
+
+function update() {
+  script = parse(el("script").value);
+  renderSpeakers();
+  renderTurns();
+}
+
+// -- the session ---------------------------------------------------------------------------------
+
+function setState(state, text) {
+  stats.state = state;
+  const s = el("status");
+  s.textContent = text || state;
+  s.dataset.state = state;
+  const busy = ["connecting", "queued", "playing", "stopping"].includes(state);
+  el("play").disabled = busy;
+  el("stop").disabled = !busy;
+  el("script").readOnly = busy;
+}
+
+function fail(code, message, turn) {
+  stats.error = { code, message, turn };
+  const box = el("error");
+  box.hidden = false;
+  box.textContent = message;
+  if (turn !== undefined && turn !== null) {
+    const li = document.querySelector(`[data-testid="turn-${turn}"]`);
+    if (li) { li.classList.add("bad"); li.scrollIntoView({ block: "nearest" }); }
+  }
+}
+
+function wsUrl() {
+  const url = new URL("v1/stream", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  if (token) url.searchParams.set("token", token);
+  return url.toString();
+}
+
+async function play() {
+  update();
+  if (!script.turns.length) {
+    fail("bad_field", script.errors[0]?.message || "Write at least one line like: Speaker 1: Hello.");
+    return;
+  }
+  el("error").hidden = true;
+  document.querySelectorAll("#turns li").forEach((li) => li.classList.remove("bad", "current", "made"));
+  Object.assign(stats, { ttfa_ms: null, played_samples: 0, received_samples: 0, underruns: 0, current_turn: -1,
+    session_samples: null, lead_ms: 0, rtf: null, stop_silence_ms: null, audio_after_cancel: 0, highlighted: [],
+    underrun_at: [], closed_code: null, error: null });
+  session = { pressed: performance.now(), turnStarts: [], id: null, cancelled: false, ws: null, ticker: null, stopAt: null };
+  setState("connecting", "connecting…");
+  player.reset();
+  const audioReady = player.open();
+  const speakers = script.speakers.map((number) => {
+    const s = speakerSettings.get(number);
+    return s.upload
+      ? { name: s.name, voice_audio: s.upload.bytes, voice_format: s.upload.format }
+      : { name: s.name, voice: s.voice };
+  });
+  const turns = script.turns.map((t) => ({ speaker: t.speaker, text: t.text }));
+  const ws = new WebSocket(wsUrl(), "vibecast.v1");
+  ws.binaryType = "arraybuffer";
+  session.ws = ws;
+  const mine = session;
+  ws.onopen = () => ws.send(encode({ type: "start", speakers, turns, format: { codec: "opus", sample_rate: 48000 } }));
+  try {
+    await audioReady;
+  } catch (e) {
+    fail("internal", `This browser cannot play audio here: ${e.message}`);
+    ws.close();
+    setState("error");
+  }
+  ws.onmessage = (e) => { if (session === mine) handle(decode(new Uint8Array(e.data))); };
+  ws.onclose = (e) => {
+    if (session !== mine) return;
+    stats.closed_code = e.code;
+    clearInterval(mine.ticker);
+    if (["connecting", "queued", "playing"].includes(stats.state) && stats.session_samples === null) {
+      fail("closed", `The connection closed (${e.code}${e.reason ? ": " + e.reason : ""}) before the dialogue was complete.`);
+      setState("error");
+    }
+  };
+  session.ticker = setInterval(() => {
+    if (ws.readyState === WebSocket.OPEN && stats.state === "playing") {
+      ws.send(encode({ type: "playback", played_ms: Math.floor(stats.played_samples / 48) }));
+    }
+  }, 500);
+}
+
+function handle(m) {
+  switch (m.type) {
+    case "ready":
+      session.id = m.session_id;
+      player.configure(m.format.pre_skip).then(() => {
+        stats.decoder = player.kind;
+        el("decoder").textContent = `Decoding with ${player.kind} · ${m.model.name}`;
+      }, (e) => fail("internal", e.message));
+      setState("playing", "playing");
+      enableDownload();
+      break;
+    case "queued":
+      setState("queued", `queued: ${m.position} ahead${m.eta_s ? `, about ${Math.round(m.eta_s)} s` : ""}`);
+      break;
+    case "turn_start":
+      session.turnStarts[m.turn] = m.pts;
+      document.querySelector(`[data-testid="turn-${m.turn}"]`)?.classList.add("made");
+      break;
+    case "audio":
+      if (session.cancelled) { stats.audio_after_cancel += 1; return; }
+      stats.received_samples += m.samples;
+      if (player.decoder) player.decode(m.packets || []);
+      else queueUntilReady(m.packets || []);
+      break;
+    case "progress":
+      stats.rtf = m.rtf;
+      break;
+    case "error":
+      fail(m.code, m.message, m.turn);
+      if (m.fatal || stats.state === "connecting") setState("error", "error");
+      break;
+    case "cancelled":
+      session.cancelled = true;
+      setState("stopped", "stopped");
+      break;
+    case "done":
+      stats.session_samples = m.samples;
+      if (m.stats && m.stats.rtf !== undefined) stats.rtf = m.stats.rtf;
+      whenDecoderReady(() => player.end(m.samples));
+      break;
+  }
+  paint();
+}
+
+// `ready` configures the decoder asynchronously (the WASM one loads first): hold packets until then.
+let pending = [];
+function queueUntilReady(packets) {
+  pending.push(...packets);
+  whenDecoderReady(() => { const p = pending; pending = []; player.decode(p); });
+}
+function whenDecoderReady(fn) {
+  if (player.decoder) { fn(); return; }
+  const wait = setInterval(() => { if (player.decoder) { clearInterval(wait); fn(); } }, 5);
+}
+
+function stop() {
+  if (!session || !session.ws) return;
+  session.stopAt = performance.now();
+  setState("stopping", "stopping…");
+  if (session.ws.readyState === WebSocket.OPEN) session.ws.send(encode({ type: "cancel" }));
+  player.stop();
+}
+
+function onFirstAudio() {
+  if (session && stats.ttfa_ms === null) {
+    stats.ttfa_ms = Math.round(performance.now() - session.pressed);
+    paint();
+  }
+}
+
+function onWorklet(w) {
+  if (!session) return;
+  if (w.state === "stopped") {
+    if (session.stopAt !== null) stats.stop_silence_ms = Math.round(performance.now() - session.stopAt);
+    return;
+  }
+  stats.played_samples = w.played;
+  if (w.state === "underrun") stats.underrun_at.push(w.played);
+  stats.underruns = w.underruns;
+  stats.lead_ms = Math.round(w.buffered / 48);
+  const starts = session.turnStarts;
+  let current = -1;
+  for (let i = 0; i < starts.length; i++) if (starts[i] !== undefined && starts[i] <= w.played) current = i;
+  if (current !== stats.current_turn && current >= 0 && w.played > 0) highlight(current);
+  if (w.state === "finished") {
+    setState("done", "done");
+    clearInterval(session.ticker);
+  }
+  paint();
+}
+
+function highlight(turn) {
+  stats.current_turn = turn;
+  stats.highlighted.push(turn);
+  document.querySelectorAll("#turns li.current").forEach((li) => li.classList.remove("current"));
+  const li = document.querySelector(`[data-testid="turn-${turn}"]`);
+  if (li) {
+    li.classList.add("current");
+    li.scrollIntoView({ block: "nearest", behavior: "smooth" });
+  }
+}
+
+function enableDownload() {
+  const a = el("download");
+  const url = new URL(`v1/sessions/${session.id}/audio.opus`, location.href);
+  if (token) url.searchParams.set("token", token);
+  a.href = url.toString();
+  a.classList.remove("disabled");
+  a.removeAttribute("aria-disabled");
+}
+
+function seconds(samples) {
+  return `${(samples / 48000).toFixed(1)} s`;
+}
+
+function paint() {
+  const total = Math.max(stats.session_samples || 0, stats.received_samples, 1);
+  el("bar-generated").style.width = `${(100 * stats.received_samples) / total}%`;
+  el("bar-played").style.width = `${(100 * stats.played_samples) / total}%`;
+  el("generated-s").textContent = seconds(stats.received_samples);
+  el("played-s").textContent = seconds(stats.played_samples);
+  el("stat-ttfa").textContent = stats.ttfa_ms === null ? "–" : `${stats.ttfa_ms} ms`;
+  el("stat-lead").textContent = stats.state === "playing" ? `${(stats.lead_ms / 1000).toFixed(1)} s` : "–";
+  el("stat-underruns").textContent = String(stats.underruns);
+  el("stat-rtf").textContent = stats.rtf === null || stats.rtf === undefined ? "–" : stats.rtf.toFixed(3);
+}
+
+// -- start-up ------------------------------------------------------------------------------------
+
+async function init() {
+  el("script").addEventListener("input", update);
+  el("play").addEventListener("click", play);
+  el("stop").addEventListener("click", stop);
+  el("download").addEventListener("click", (e) => { if (el("download").classList.contains("disabled")) e.preventDefault(); });
+  try {
+    const r = await fetch("v1/voices", token ? { headers: { Authorization: `Bearer ${token}` } } : {});
+    if (!r.ok) throw new Error((await r.json()).message || r.statusText);
+    const body = await r.json();
+    voices = body.voices;
+    el("model").textContent = body.model;
+  } catch (e) {
+    el("model").textContent = "server unreachable";
+    fail("unreachable", `Cannot list voices: ${e.message}`);
+  }
+  update();
+  paint();
+  await player.prepare().catch(() => {}); // the click will report it if audio cannot start
+  setState("idle", "ready");
+  window.vibecast.ready = true;
+}
+
+init();
