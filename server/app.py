@@ -104,8 +104,11 @@ def create_app(
         finally:
             state.draining = True
             state.metrics.engine_ready.set(0)
-            for session in list(state.sessions.sessions.values()):
+            sessions = list(state.sessions.sessions.values())
+            for session in sessions:
                 session.stop()
+            # Let engine threads finish their current chunk before the event loop goes away.
+            await asyncio.to_thread(lambda: [s.join(10) for s in sessions])
             state.archive.close()
 
     def authorized(request: Request | WebSocket) -> str | None | bool:

@@ -254,7 +254,7 @@ class Connection:
                 session.counters.last_sent_seq = frame.seq
             try:
                 await self._send(data)
-            except _Closed:
+            except BaseException:  # the socket dropped, or this task was cancelled mid-send
                 if frame.marker is None:
                     session.sent(frame)  # it may have reached the client: keep it for resume
                 else:

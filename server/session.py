@@ -96,6 +96,7 @@ class Session:
         limits: Any,
         send_buffer_ms: int,
         on_end: Callable[[Session], None],
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.token = secrets.token_urlsafe(24)
@@ -106,6 +107,7 @@ class Session:
         self.limits = limits
         self.send_buffer_ms = send_buffer_ms
         self.on_end = on_end
+        self.on_change = on_change  # told when the engine pauses or resumes (tests wait on it)
         self.state = State.QUEUED
         self.counters = Counters()
         self.feed = TurnFeed(spec.turns, spec.more)
@@ -123,6 +125,7 @@ class Session:
         self.delivered = False  # the terminal message reached a socket
         self.touched = time.monotonic()  # last start or append, for the idle check
         self.chars = sum(len(t.text) for t in spec.turns)
+        self.paused = False  # the engine is waiting for the client (flow control)
         store.register(self.id, self.token)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -158,6 +161,13 @@ class Session:
             self.archive.begin(self.id, self.output.pre_skip, self.spec.format.sample_rate)
         self._thread = threading.Thread(target=self._produce, name=f"session-{self.id}", daemon=True)
         self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the engine thread to exit; True once it has (tests and shutdown use this)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
 
     def stop(self) -> None:
         """Stop generating and free the engine's memory (the thread exits at its next chunk)."""
@@ -291,6 +301,8 @@ class Session:
 
     def _post(self, message: Message, samples: int = 0, replay: bool = True) -> None:
         """From the engine thread: pack and hand a message to the event loop."""
+        if self._stop.is_set():
+            return  # the session is ending: nothing more will be sent
         seq = message.seq if isinstance(message, Audio) else None
         frame = OutFrame(message.pack(), seq, samples, self.output.pts, replay)
         assert self._loop is not None
@@ -341,7 +353,12 @@ class Session:
                         f"at turn {last_turn + 1}; split the script into several sessions",
                     )
                 with self._room:  # pause here while the client is far enough behind
-                    self._room.wait_for(self._room_for_more)
+                    if not self._room_for_more():
+                        self.paused = True
+                        self.on_change()
+                        self._room.wait_for(self._room_for_more)
+                        self.paused = False
+                        self.on_change()
                 tick = time.monotonic()
             if not self._stop.is_set():
                 tail = None if closed_as_last else out.end_of_stream(last_turn)

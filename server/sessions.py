@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from typing import Awaitable, Callable
@@ -45,6 +46,16 @@ class Sessions:
         self._queue_changed = asyncio.Condition()
         self._starts: dict[str, deque[float]] = {}
         self._recent_walls: deque[float] = deque(maxlen=20)
+        self.changed = threading.Condition()  # notified whenever a session comes or goes
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block (off the event loop) until `predicate()` holds; False on timeout."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def _changed(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
 
     # -- policy --------------------------------------------------------------------------------
 
@@ -165,8 +176,10 @@ class Sessions:
             self.limits,
             self.config.send_buffer_ms,
             on_end=self._ended,
+            on_change=self._changed,
         )
         self.sessions[session.id] = session
+        self._changed()
         return session
 
     def _has_slot(self, session_id: str) -> bool:
@@ -221,6 +234,7 @@ class Sessions:
         if session.id in self.running:
             self.running.discard(session.id)
             self._recent_walls.append(time.monotonic() - session.counters.ready_at)
+        self._changed()
         asyncio.get_running_loop().create_task(self._notify())
 
     def finished(self, session: Session, marker: str | None, error: object) -> None:
@@ -231,6 +245,7 @@ class Sessions:
 
     def detached(self, session: Session) -> None:
         """A connection let go of the session (closed, dropped, or taken over)."""
+        self._changed()
         if session.delivered or session.id not in self.sessions:
             return
         if session.state is State.QUEUED or self.config.resume_grace_s <= 0:
@@ -261,14 +276,15 @@ class Sessions:
             self.metrics.rtf.observe(stats["rtf"])
         rate = session.spec.format.sample_rate
         log.info(
-            "session_end id=%s outcome=%s client=%s request_id=%s turns=%d/%d audio_s=%.2f "
-            "sent_s=%.2f ttfa_ms=%s rtf=%s wall_ms=%s queued_ms=%s",
+            "session_end id=%s outcome=%s client=%s request_id=%s turns=%d/%d samples=%d "
+            "audio_s=%.3f sent_s=%.3f ttfa_ms=%s rtf=%s wall_ms=%s queued_ms=%s",
             session.id,
             outcome.replace(" ", "_"),
             session.spec.client,
             session.spec.request_id,
             session.counters.turns_done,
             session.feed.total,
+            session.output.pts,
             session.output.pts / rate,
             session.counters.sent / rate,
             stats["ttfa_ms"],
@@ -283,6 +299,7 @@ class Sessions:
         self.sessions.pop(session.id, None)
         self.store.forget(session.id)
         self.archive.finish(session.id, None)
+        self._changed()
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)

@@ -88,3 +88,23 @@ def first_error(messages: list[Any]) -> Error:
     errors = [m for m in messages if isinstance(m, Error)]
     assert errors, f"expected an error, got {[m.type for m in messages]}"
     return errors[0]
+
+
+def abort(client: Client) -> None:
+    """Drop the TCP connection without a WebSocket close, as a network failure does."""
+    client.ws.transport.abort()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def get_text(url: str, headers: dict[str, str] | None = None) -> str:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return r.read().decode()
