@@ -56,6 +56,16 @@ def check_exposure(config: ServerConfig) -> None:
         )
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before uvicorn starts: early clients wait in its backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
 class ServerThread:
     """A real uvicorn server on loopback, in a background thread.
 
@@ -64,10 +74,7 @@ class ServerThread:
     """
 
     def __init__(self, config: ServerConfig, backend: Backend | None = None, log_level: str = "warning") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((config.host, config.port))
-        self.sock.listen(128)
+        self.sock = bind(config.host, config.port)
         self.config = config.replace(port=self.sock.getsockname()[1])
         self.server = uvicorn.Server(uvicorn_config(self.config, backend, log_level=log_level))
         self.thread = threading.Thread(

@@ -9,19 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from vibecast.bench import DIALOGUE  # 4 speakers, 8 turns
 from vibecast.protocol import Audio, Client, Done, Error, Progress, Ready
 from vibecast.protocol.opus import OpusDecoder
 
-DIALOGUE = [  # 4 speakers, 8 turns
-    (0, "Welcome back to the show. Today we are talking about streaming speech."),
-    (1, "Thanks for having me. It is a topic close to my heart."),
-    (2, "Let's start simple. Why does the first second of audio matter so much?"),
-    (3, "Because a listener decides in that second whether the thing feels alive."),
-    (0, "And after that second, what keeps it feeling alive?"),
-    (1, "No gaps, no clicks, and never running out of audio while the rest is made."),
-    (2, "So the server has to stay ahead of the listener the whole time."),
-    (3, "Exactly, and it should tell you how far ahead it is, every second."),
-]
 VOICES = ["joe", "joe-high", "joe-deep", "joe-bright"]
 
 

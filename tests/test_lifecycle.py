@@ -45,25 +45,29 @@ def test_cancel_mid_turn_sends_no_audio_after_cancelled(quick) -> None:
     assert hub.wait_for(lambda: not hub.sessions, timeout=10)
 
 
+async def start_then_drop(server, seen: list | None = None) -> None:
+    """Start a long session, wait for its first audio, then drop the TCP connection."""
+    c = await Client.connect(server.ws_url)
+    await c.start(speakers_of(2), LONG)
+    async for m in c:
+        if isinstance(m, Audio):
+            break
+    if seen is not None:
+        seen.extend(server.state.sessions.sessions.values())  # before the drop frees them
+    abort(c)
+
+
 def test_twenty_abrupt_disconnects_leave_nothing_running(quick) -> None:
     hub = quick.state.sessions
     sessions = []
 
-    async def one():
-        c = await Client.connect(quick.ws_url)
-        await c.start(speakers_of(2), LONG)
-        async for m in c:
-            if isinstance(m, Audio):
-                break
-        sessions.extend(hub.sessions.values())
-        abort(c)
-
     async def all_of_them():
         for _ in range(20):
-            await one()
+            await start_then_drop(quick, sessions)
 
     asyncio.run(all_of_them())
     assert hub.wait_for(lambda: not hub.sessions, timeout=10)
+    assert len(set(sessions)) == 20
     assert all(s.join(timeout=5) for s in sessions)  # every engine thread has ended
     text = get_text(quick.http_url + "/metrics")
     assert metric(text, "vibecast_sessions_active") == 0
@@ -73,16 +77,7 @@ def test_twenty_abrupt_disconnects_leave_nothing_running(quick) -> None:
 def test_dropped_socket_is_held_for_the_grace_period_then_freed(piper) -> None:
     with running_server(piper, resume_grace_s=1.0) as server:
         hub = server.state.sessions
-
-        async def go():
-            c = await Client.connect(server.ws_url)
-            await c.start(speakers_of(2), LONG)
-            async for m in c:
-                if isinstance(m, Audio):
-                    break
-            abort(c)
-
-        asyncio.run(go())
+        asyncio.run(start_then_drop(server))
         assert hub.wait_for(lambda: any(not s.attached for s in hub.sessions.values()), timeout=5)
         assert metric(get_text(server.http_url + "/metrics"), "vibecast_sessions_detached") == 1
         assert hub.wait_for(lambda: not hub.sessions, timeout=10)  # the grace ran out

@@ -60,26 +60,26 @@ def test_cfg_sampling_of_a_frame(ref, rt) -> None:
     close(out, fx["cfg_out"], 1e-5)
 
 
+def frame_by_frame(module, x: torch.Tensor, hop: int) -> torch.Tensor:
+    """Streaming: feed one latent frame (hop = 1) or 3200 samples (hop = 3200) at a time."""
+    state = module.new_state(1, "cpu", torch.float32)
+    return torch.cat([module.step(x[..., i : i + hop], state) for i in range(0, x.shape[-1], hop)], -1)
+
+
 @torch.no_grad()
 def test_streaming_decoder_audio(ref, rt) -> None:
     fx, _ = ref
     decoder = rt.model.model.acoustic_tokenizer.decoder
-    state = decoder.new_state(1, "cpu", torch.float32)
-    latents = fx["dec_latents"]
-    frames = [decoder.step(latents[:, :, i : i + 1], state) for i in range(latents.shape[2])]
-    close(torch.cat(frames, -1), fx["dec_streaming"], 1e-5)
-    close(decoder(latents), fx["dec_offline"], 1e-5)
+    close(frame_by_frame(decoder, fx["dec_latents"], 1), fx["dec_streaming"], 1e-5)
+    close(decoder(fx["dec_latents"]), fx["dec_offline"], 1e-5)
 
 
 @torch.no_grad()
 def test_semantic_encoder_features(ref, rt) -> None:
     fx, _ = ref
     encoder = rt.model.model.semantic_tokenizer.encoder
-    state = encoder.new_state(1, "cpu", torch.float32)
-    audio = fx["sem_audio"]
-    chunks = [encoder.step(audio[..., i * 3200 : (i + 1) * 3200], state) for i in range(audio.shape[-1] // 3200)]
-    close(torch.cat(chunks, -1).permute(0, 2, 1), fx["sem_streaming"], 1e-5)
-    close(encoder(audio).permute(0, 2, 1), fx["sem_offline"], 1e-5)
+    close(frame_by_frame(encoder, fx["sem_audio"], 3200).permute(0, 2, 1), fx["sem_streaming"], 1e-5)
+    close(encoder(fx["sem_audio"]).permute(0, 2, 1), fx["sem_offline"], 1e-5)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server.config import load_config
-    from .server.run import check_exposure, uvicorn_config
+    from .server.run import bind, check_exposure, uvicorn_config
 
     flags = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     try:
@@ -37,12 +37,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vibecast serve: {e}", file=sys.stderr)
         return 2
     check_exposure(config)
+    try:
+        sock = bind(config.host, config.port)  # bound here, so --port 0 can say which port it got
+    except OSError as e:
+        print(f"vibecast serve: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
+        return 2
+    config = config.replace(port=sock.getsockname()[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"vibecast: loading {config.model} ...", flush=True)
     server = uvicorn.Server(uvicorn_config(config, log_level="info"))
-    server_config = server.config
-    state = server_config.app.state.vibecast
+    state = server.config.app.state.vibecast
 
     def announce() -> None:
         state.ready.wait()
@@ -53,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
 
     threading.Thread(target=announce, daemon=True).start()
-    server.run()
+    server.run(sockets=[sock])
     return 0
 
 
@@ -90,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--voices", help="directory of voice samples for the model")
     bench.add_argument("--runs", type=int, default=10, help="first-audio samples to take (>= 10)")
     bench.add_argument("--json", help="also write the results to this file")
+    bench.add_argument("--soak", type=float, metavar="MINUTES",
+                       help="instead: a dialogue this long through a server process, played --speed "
+                       "times faster than real time, sampling the server's memory")
+    bench.add_argument("--speed", type=float, default=10.0, help="with --soak: listener speed")
+    bench.add_argument("--max-lead-ms", type=int, default=30_000, help="with --soak: the server's lead limit")
 
     synth = sub.add_parser("synth", help="VibeVoice: write the 24 kHz audio of a whole script")
     synth.add_argument("--model", required=True, help="VibeVoice directory or hub id")
@@ -110,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         from .say import run_say
 
         code = run_say(args)
+    elif args.command == "bench" and args.soak:
+        from .soak import run_soak
+
+        code = run_soak(args.soak, args.speed, args.model, args.max_lead_ms, args.json)
     elif args.command == "bench":
         from .bench import run_bench
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CodecConfig
+from .norm import rms_norm
 
 
 def nest(**children: nn.Module) -> nn.Module:
@@ -37,9 +38,7 @@ class ChannelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(1, keepdim=True) + self.eps)
-        return y.type_as(x) * self.weight[:, None]
+        return rms_norm(x, self.weight[:, None], self.eps, dim=1)
 
 
 class CausalConv1d(nn.Module):

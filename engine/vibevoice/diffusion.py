@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
+from .norm import rms_norm
 
 
 class _Norm(nn.Module):
@@ -25,9 +26,7 @@ class _Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return y * self.weight if self.weight is not None else y
+        return rms_norm(x, self.weight, self.eps)
 
 
 class _SwiGLU(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .norm import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @dataclass
