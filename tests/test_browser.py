@@ -133,6 +133,27 @@ def test_over_limit_script_shows_the_error(browser, live) -> None:
     page.close()
 
 
+def test_a_speaker_can_use_an_uploaded_voice(browser, live, tmp_path: Path) -> None:
+    import numpy as np
+
+    from vibecast.protocol.wav import wav_bytes
+
+    t = np.arange(3 * 24000) / 24000
+    phase = 2 * np.pi * np.cumsum(180 * (1 + 0.05 * np.sin(2 * np.pi * 4 * t))) / 24000
+    sample = tmp_path / "my-voice.wav"  # a voiced, speech-like tone at about 180 Hz
+    sample.write_bytes(wav_bytes(0.3 * sum(np.sin(k * phase) / k for k in range(1, 8)), 24000))
+    page, errors = open_page(browser, live, fallback=False)
+    page.fill('[data-testid="script"]', "Speaker 1: This is my own voice.\nSpeaker 2: And this is Joe.")
+    page.locator("#speakers input[type=file]").first.set_input_files(str(sample))
+    page.wait_for_function("document.querySelector('#speakers select').selectedOptions[0].text.includes('my-voice.wav')")
+    page.click('[data-testid="play"]')
+    page.wait_for_function("window.vibecast.stats.state === 'done'", timeout=60000)
+    s = stats(page)
+    assert [sp["voice"] for sp in s["speakers"]] == ["upload", "joe-high"]
+    assert s["error"] is None and errors == []
+    page.close()
+
+
 def test_page_fits_a_phone(browser, live, artifacts: Path) -> None:
     page, _ = open_page(browser, live, fallback=False, viewport=(390, 844))
     page.fill('[data-testid="script"]', SCRIPT)

@@ -28,7 +28,7 @@ from .engine.backend import SpeakerVoice, SynthesisParams, Turn
 from .engine.instrument import TimedBackend
 from .engine.pipeline import TurnAudio, TurnFeed, run_turns
 from .engine.pitch import median_f0
-from .protocol import Audio, Client, Done
+from .protocol import Audio, Cancelled, Client, Done
 from .protocol.opus import OpusDecoder
 from .protocol.wav import wav_bytes
 
@@ -69,21 +69,25 @@ def speaker_voices(backend: Any) -> list[SpeakerVoice]:
     return [SpeakerVoice(f"s{i}", audio=synthetic_voice(i), audio_rate=24000) for i in range(4)]
 
 
-async def first_audio_times(url: str, token: str | None, speakers: list[dict[str, Any]], runs: int) -> list[float]:
-    times = []
+async def first_audio_times(
+    url: str, token: str | None, speakers: list[dict[str, Any]], runs: int
+) -> tuple[list[float], list[float]]:
+    """(start -> first audio, cancel -> cancelled) in seconds, per warm run."""
+    times, cancels = [], []
     for i in range(runs + 1):  # the first run warms caches and is not counted
         async with await Client.connect(url, token=token) as client:
             t0 = time.perf_counter()
             await client.start(speakers, _turns(), options={"seed": i})
             async for msg in client:
                 if isinstance(msg, Audio) and msg.samples:
-                    if i:
-                        times.append(time.perf_counter() - t0)
+                    first = time.perf_counter()
                     await client.cancel()
                     break
-            async for _ in client:  # drain until the server closes after `cancelled`
-                pass
-    return times
+            async for msg in client:  # until the server closes after `cancelled`
+                if isinstance(msg, Cancelled) and i:
+                    times.append(first - t0)
+                    cancels.append(time.perf_counter() - first)
+    return times, cancels
 
 
 async def full_dialogue(url: str, token: str | None, speakers: list[dict[str, Any]], pitch: bool) -> dict[str, Any]:
@@ -218,7 +222,7 @@ def run_bench(args: Any) -> int:
 
             voices = fetch_voices(url, args.token)
         speakers = speaker_specs(voices)
-        ttfa = asyncio.run(first_audio_times(url, args.token, speakers, runs))
+        ttfa, cancels = asyncio.run(first_audio_times(url, args.token, speakers, runs))
         dialogue = asyncio.run(full_dialogue(url, args.token, speakers, pitch=not is_vibevoice))
     finally:
         if server is not None:
@@ -234,6 +238,7 @@ def run_bench(args: Any) -> int:
             "min": round(min(ttfa) * 1000, 1),
             "max": round(max(ttfa) * 1000, 1),
         },
+        "cancel_ms": {"p50": round(percentile(cancels, 50) * 1000, 1), "max": round(max(cancels) * 1000, 1)},
         "dialogue": dialogue,
         "pipeline": pipeline_walls(backend),
     }
@@ -252,6 +257,7 @@ def _print(r: dict[str, Any]) -> None:
     print(f"machine  {r['machine']}")
     print(f"first audio ({f['runs']} warm runs)  p50 {f['p50']} ms   p95 {f['p95']} ms   "
           f"(min {f['min']}, max {f['max']})")
+    print(f"cancel -> cancelled  p50 {r['cancel_ms']['p50']} ms   max {r['cancel_ms']['max']} ms")
     print(f"8-turn dialogue  {d['audio_s']:.1f} s audio in {d['wall_s']:.2f} s: RTF engine "
           f"{d['rtf_engine']}, RTF wall {d['rtf_wall']}")
     print(f"pipeline  pipelined {p['pipelined_s']} s  sequential {p['sequential_s']} s  "

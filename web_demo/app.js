@@ -26,6 +26,7 @@ const stats = {
   highlighted: [], // turns in the order they were highlighted
   underrun_at: [], // played_samples at each underrun
   closed_code: null, // the WebSocket's close code once it closed
+  speakers: [], // as the server resolved them (ready.speakers)
   error: null,
 };
 window.vibecast = { stats };
@@ -180,7 +181,7 @@ async function play() {
   document.querySelectorAll("#turns li").forEach((li) => li.classList.remove("bad", "current", "made"));
   Object.assign(stats, { ttfa_ms: null, played_samples: 0, received_samples: 0, underruns: 0, current_turn: -1,
     session_samples: null, lead_ms: 0, rtf: null, stop_silence_ms: null, audio_after_cancel: 0, highlighted: [],
-    underrun_at: [], closed_code: null, error: null });
+    underrun_at: [], closed_code: null, speakers: [], error: null });
   session = { pressed: performance.now(), turnStarts: [], id: null, cancelled: false, ws: null, ticker: null, stopAt: null };
   setState("connecting", "connecting…");
   player.reset();
@@ -225,6 +226,7 @@ function handle(m) {
   switch (m.type) {
     case "ready":
       session.id = m.session_id;
+      stats.speakers = m.speakers;
       player.configure(m.format.pre_skip).then(() => {
         stats.decoder = player.kind;
         el("decoder").textContent = `Decoding with ${player.kind} · ${m.model.name}`;

@@ -144,6 +144,11 @@ class Runtime:
         emb = m.acoustic_connector(latent) + m.semantic_connector(features)
         return audio.reshape(-1), emb
 
+    def sync(self) -> None:
+        """Wait for this thread's stream (CUDA); once per session or turn, never per frame."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     def noise(self, gen: torch.Generator) -> torch.Tensor:
         # The reference draws noise for both CFG rows and keeps only the first half.
         latent = self.cfg.acoustic.vae_dim
@@ -193,7 +198,8 @@ class Runtime:
                 emb = self.embed([token])[0]
             if n + 1 < max_steps:
                 self.step(s, emb)
-        if pending is not None:
+        if pending is not None:  # the step cap ended the loop: no token read has waited for it
+            self.sync()
             yield pending.numpy()
 
 
@@ -260,6 +266,8 @@ def open_session(rt: Runtime, voices: list[np.ndarray], seed: int, cfg_scale: fl
     voice = rt.voice_embeddings(wavs, gen) if wavs else None
     rt.prefill(prefix, 0, prompt.ids, 0, voice, prompt.voice_slots)
     acoustic, semantic = rt.codec_states()
+    # The turns' encode stream reads this prefix; it was written on this thread's stream.
+    rt.sync()
     return VoiceSession(prefix, len(prompt.ids), [None, None], acoustic, semantic, gen, cfg_scale, steps)
 
 

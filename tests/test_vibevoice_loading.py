@@ -1,0 +1,56 @@
+"""Where VibeVoice's inputs come from: hub ids, voice files, devices and dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vibecast.engine.vibevoice.backend import at_24k, pick_dtype, read_audio
+from vibecast.engine.vibevoice.weights import CheckpointError, resolve
+from vibecast.protocol.ogg import OggOpusWriter
+from vibecast.protocol.opus import OpusEncoder
+from vibecast.protocol.wav import wav_bytes
+
+
+def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # these machines reach no hub
+    with pytest.raises(CheckpointError, match="Download it elsewhere and pass the directory"):
+        resolve("someone/VibeVoice-Nothing")
+
+
+def tone(rate: int, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def test_voice_files_in_wav_or_ogg_opus_come_out_at_24k() -> None:
+    audio, rate = read_audio(wav_bytes(tone(16000), 16000))
+    assert rate == 16000 and len(at_24k(audio, rate)) == 24000
+    enc = OpusEncoder(48000)
+    x = tone(48000)
+    n = len(x) + (-(len(x) + enc.lookahead) % enc.frame)
+    padded = np.zeros(n + enc.lookahead, np.float32)
+    padded[: len(x)] = x
+    writer = OggOpusWriter(enc.pre_skip, 48000)
+    data = writer.header() + writer.write(enc.encode(padded)) + writer.finish(len(x))
+    audio, rate = read_audio(data)
+    assert rate == 48000 and len(audio) == len(x)
+    resampled = at_24k(audio, rate)
+    assert len(resampled) == 24000
+    spectrum = np.abs(np.fft.rfft(resampled[6000:18000]))
+    assert abs(np.argmax(spectrum) * 24000 / 12000 - 220) < 4  # still a 220 Hz tone
+
+
+def test_bfloat16_is_refused_on_a_gpu_older_than_ampere(monkeypatch) -> None:
+    # Simulated: there is no GPU on these machines, so torch.cuda's answers are stubbed.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match="Ampere or newer.*Tesla T4 is 7.5.*--dtype float32"):
+        pick_dtype("bfloat16", torch.device("cuda"))
+    assert pick_dtype("float32", torch.device("cuda")) is torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) is torch.float32
+    with pytest.raises(ValueError, match="use bfloat16 or float32"):
+        pick_dtype("float16", torch.device("cpu"))
