@@ -259,14 +259,14 @@ class PiperBackend:
         length_scale = self.config.length_scale * pitch / style.pace
         scales = np.array([session.noise_scale, length_scale, session.noise_w], np.float32)
         latents = []
-        session_ = self._enc_first if turn.index == 0 else self._enc
+        text_stage = self._enc_first if turn.index == 0 else self._enc
         for piece in _pieces(turn.text):
             for ids in self._phoneme_ids(piece):
                 n = len(ids)
                 noise_w = session.rng.standard_normal((1, 2, n), dtype=np.float32)
                 frames = int(4 * length_scale * n) + 64  # ~2 frames per id are typical
                 noise_z = session.rng.standard_normal((1, 192, frames), dtype=np.float32)
-                (z,) = session_.run(
+                (z,) = text_stage.run(
                     None,
                     {
                         "input": np.array([ids], dtype=np.int64),

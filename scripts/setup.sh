@@ -30,12 +30,12 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 
-# Re-run pip only when what it installs from has changed.
+# Re-run pip only when what it installs from has changed (a test install covers the plain one).
 extras=""
 [ "$want_test" = 1 ] && extras="[test]"
 stamp=".venv/.vibecast-setup$extras"
 digest=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] && [ "$(cat .venv/.vibecast-setup[test] 2>/dev/null)" != "$digest" ]; then
   echo "setup: installing Python packages"
   .venv/bin/python -m pip install -q --upgrade pip
   # The CPU build of torch 2.13.0 is on the machine; any other torch pulls gigabytes of CUDA.

@@ -152,6 +152,8 @@ class Sessions:
 
     def check_rate(self, client: str) -> None:
         now = time.monotonic()
+        if len(self._starts) > 4096:  # forget clients that have been quiet for a minute
+            self._starts = {k: w for k, w in self._starts.items() if w and now - w[-1] <= 60.0}
         window = self._starts.setdefault(client, deque())
         while window and now - window[0] > 60.0:
             window.popleft()

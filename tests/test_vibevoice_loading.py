@@ -54,3 +54,21 @@ def test_bfloat16_is_refused_on_a_gpu_older_than_ampere(monkeypatch) -> None:
     assert pick_dtype("auto", torch.device("cpu")) is torch.float32
     with pytest.raises(ValueError, match="use bfloat16 or float32"):
         pick_dtype("float16", torch.device("cpu"))
+
+
+def test_random_weights_of_a_released_size_run_the_frame_benchmark(monkeypatch, tmp_path) -> None:
+    # `--model random:1.5b` builds the released dimensions with random weights, to measure speed
+    # on a GPU; here the same path runs with the tiny dimensions so it fits on this machine.
+    import shutil
+
+    from vibecast.bench import frame_times
+    from vibecast.engine.vibevoice import weights
+    from vibecast.engine.vibevoice.backend import VibeVoiceBackend
+    from vibevoice_helpers import TINY
+
+    shutil.copy(TINY / "config.json", tmp_path / "vibevoice-tiny.json")
+    monkeypatch.setattr(weights, "CONFIGS", tmp_path)
+    backend = VibeVoiceBackend.load("random:tiny", device="cpu", dtype="float32")
+    assert backend.name == "vibevoice:random-tiny" and backend.voices() == []
+    result = frame_times(backend, frames=3, steps=2)
+    assert result["frames"] == 3 and result["p50_ms"] > 0 and result["device"] == "cpu"

@@ -101,7 +101,7 @@ def load_model(
     return model
 
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parent  # vibevoice-1.5b.json, vibevoice-7b.json: the released dimensions
 
 
 def random_model(size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> VibeVoice:
@@ -109,7 +109,7 @@ def random_model(size: str, device: torch.device | str, dtype: torch.dtype, seed
     measuring speed where the real weights cannot be had. Its audio is noise."""
     path = CONFIGS / f"vibevoice-{size}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem.split("-", 1)[1] for p in CONFIGS.glob("*.json")))
+        known = ", ".join(sorted(p.stem.split("-", 1)[1] for p in CONFIGS.glob("vibevoice-*.json")))
         raise CheckpointError(f"--model random:{size}: no such size; known: {known}")
     cfg = VibeVoiceConfig.from_file(path)
     torch.manual_seed(seed)
