@@ -23,7 +23,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -138,7 +138,7 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
-def _options(threads: int) -> "ort.SessionOptions":
+def _options(threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -36,7 +36,7 @@ from ..protocol.messages import (
     Start,
     parse_client,
 )
-from .session import ENDED, OutFrame, Session, State
+from .session import OutFrame, Session, State
 from .sessions import Sessions
 
 log = logging.getLogger("vibecast.connection")

@@ -95,11 +95,11 @@ def _turn_audio(dialogue) -> list[np.ndarray]:
     x = decode_session(dialogue)
     starts = [m.pts for m in dialogue.messages if isinstance(m, TurnStart)]
     ends = starts[1:] + [dialogue.done.samples]
-    return [x[a:b] for a, b in zip(starts, ends)]
+    return [x[a:b] for a, b in zip(starts, ends, strict=True)]
 
 
 def test_every_turn_has_speech_of_plausible_length(piper_dialogue) -> None:
-    for (speaker, text), audio in zip(DIALOGUE, _turn_audio(piper_dialogue)):
+    for (_speaker, text), audio in zip(DIALOGUE, _turn_audio(piper_dialogue), strict=True):
         seconds = len(audio) / 48000
         rms_db = 20 * np.log10(np.sqrt(np.mean(audio**2)) + 1e-12)
         assert rms_db > -35, f"turn {text!r} is near silent ({rms_db:.1f} dBFS)"
@@ -109,7 +109,7 @@ def test_every_turn_has_speech_of_plausible_length(piper_dialogue) -> None:
 
 def test_four_speakers_differ_in_pitch(piper_dialogue) -> None:
     per_speaker = {}
-    for (speaker, _), audio in zip(DIALOGUE, _turn_audio(piper_dialogue)):
+    for (speaker, _), audio in zip(DIALOGUE, _turn_audio(piper_dialogue), strict=True):
         per_speaker.setdefault(speaker, []).append(audio)
     medians = {s: median_f0(np.concatenate(a), 48000) for s, a in per_speaker.items()}
     assert all(60 < f < 400 for f in medians.values()), medians

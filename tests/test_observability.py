@@ -51,7 +51,7 @@ def test_metrics_count_what_happened(piper, caplog) -> None:
 
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session_end")]
     assert len(lines) == 2
-    line = next(l for l in lines if result.ready.session_id in l)
+    line = next(x for x in lines if result.ready.session_id in x)
     fields = dict(re.findall(r"(\w+)=(\S+)", line))
     assert fields["outcome"] == "done" and fields["turns"] == "2/2"
     assert int(fields["samples"]) == result.done.samples

@@ -38,11 +38,11 @@ def test_opus_turns_are_whole_frames_and_the_end_is_exact(rate: int, last_known:
     starts = [m for m in msgs if m.type == "turn_start"]
     ends = [m for m in msgs if m.type == "turn_end"]
     assert [a.seq for a in audio] == list(range(len(audio)))
-    for s, e in zip(starts[:-1], ends[:-1]):
+    for s, e in zip(starts[:-1], ends[:-1], strict=True):
         assert e.samples % fmt.frame == 0  # padded to whole frames
         assert s.pts % fmt.frame == 0
     total = out.pts
-    for n, e in zip([24000 + 17, 12345, 7001], ends):
+    for n, e in zip([24000 + 17, 12345, 7001], ends, strict=True):
         assert e.samples >= int(np.ceil(n * rate / 24000))  # nothing cut
     decoded = decode_packets([p for a in audio for p in a.packets], rate)
     skip = out.encoder.lookahead

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
 import pytest
 from helpers import DIALOGUE
 

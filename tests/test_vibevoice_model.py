@@ -82,7 +82,7 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     sharded = load_model(d, "cpu", torch.float32)
     single = load_model(TINY, "cpu", torch.float32)
-    for (k, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items()):
+    for (k, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
 
 

@@ -7,7 +7,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from vibevoice_helpers import reference, tiny_runtime
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
@@ -63,7 +62,7 @@ def test_six_turns_overlap_and_end_at_speech_end(backend) -> None:
 def test_same_audio_with_and_without_overlap(backend) -> None:
     with_overlap = audio_of(run(backend, SCRIPT, overlap=True)[0])
     without = audio_of(run(backend, SCRIPT, overlap=False)[0])
-    for a, b in zip(with_overlap, without):
+    for a, b in zip(with_overlap, without, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -85,8 +84,8 @@ def test_the_seed_makes_it_repeatable(backend) -> None:
     a = audio_of(run(backend, SCRIPT[:2], seed=9)[0])
     b = audio_of(run(backend, SCRIPT[:2], seed=9)[0])
     c = audio_of(run(backend, SCRIPT[:2], seed=10)[0])
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert any(len(x) and not np.array_equal(x, z) for x, z in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(len(x) and not np.array_equal(x, z) for x, z in zip(a, c, strict=True))
 
 
 def test_turns_mode_streams_continuous_mode_refused(backend) -> None:

@@ -165,7 +165,7 @@ class _Stack(nn.Module):
         ]
 
     def _run(self, x: torch.Tensor, states: list[torch.Tensor] | None) -> torch.Tensor:
-        for resample, stage in zip(self.resamplers, self.stages):
+        for resample, stage in zip(self.resamplers, self.stages, strict=True):
             layer = resample[0]
             x = layer(x) if states is None else layer.step(x, states)
             for block in stage:
