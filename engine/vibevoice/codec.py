@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CodecConfig
-from .norm import rms_norm
+from .norm import RMSNorm
 
 
 def nest(**children: nn.Module) -> nn.Module:
@@ -27,18 +27,6 @@ def nest(**children: nn.Module) -> nn.Module:
     for name, child in children.items():
         box.add_module(name, child)
     return box
-
-
-class ChannelRMSNorm(nn.Module):
-    """RMS norm over channels of (B, C, T), computed in fp32 like the reference."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight[:, None], self.eps, dim=1)
 
 
 class CausalConv1d(nn.Module):
@@ -110,9 +98,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, cfg: CodecConfig) -> None:
         super().__init__()
-        self.norm = ChannelRMSNorm(dim, cfg.layernorm_eps)
+        self.norm = RMSNorm(dim, cfg.layernorm_eps, channels_first=True)
         self.mixer = nest(conv=CausalConv1d(dim, dim, cfg.kernel_size, groups=dim, bias=cfg.conv_bias))
-        self.ffn_norm = ChannelRMSNorm(dim, cfg.layernorm_eps)
+        self.ffn_norm = RMSNorm(dim, cfg.layernorm_eps, channels_first=True)
         self.ffn = nest(
             linear1=nn.Linear(dim, 4 * dim, bias=cfg.conv_bias),
             linear2=nn.Linear(4 * dim, dim, bias=cfg.conv_bias),
@@ -199,7 +187,7 @@ class Encoder(_Stack):
             for i, depth in enumerate(cfg.encoder_depths)
         )
         top = nf * 2 ** (len(cfg.encoder_depths) - 1)
-        self.norm = ChannelRMSNorm(top, cfg.layernorm_eps) if cfg.last_norm else None
+        self.norm = RMSNorm(top, cfg.layernorm_eps, channels_first=True) if cfg.last_norm else None
         self.head = CausalConv1d(top, cfg.vae_dim, cfg.last_kernel_size, bias=cfg.conv_bias)
         self._number_slots()
 
@@ -223,7 +211,7 @@ class Decoder(_Stack):
             nn.ModuleList(Block(nf * 2 ** (n - 1 - i), cfg) for _ in range(depth))
             for i, depth in enumerate(cfg.decoder_depths)
         )
-        self.norm = ChannelRMSNorm(nf, cfg.layernorm_eps) if cfg.last_norm else None
+        self.norm = RMSNorm(nf, cfg.layernorm_eps, channels_first=True) if cfg.last_norm else None
         self.head = CausalConv1d(nf, 1, cfg.last_kernel_size, bias=cfg.conv_bias)
         self._number_slots()
 

@@ -16,17 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
-from .norm import rms_norm
-
-
-class _Norm(nn.Module):
-    def __init__(self, dim: int, eps: float, affine: bool = True) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+from .norm import RMSNorm
 
 
 class _SwiGLU(nn.Module):
@@ -45,7 +35,7 @@ class _HeadLayer(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.ffn = _SwiGLU(h, cfg.ffn_dim)
-        self.norm = _Norm(h, cfg.rms_norm_eps)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h, bias=False))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -57,7 +47,7 @@ class _FinalLayer(nn.Module):
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.norm_final = _Norm(h, cfg.rms_norm_eps, affine=False)
+        self.norm_final = RMSNorm(h, cfg.rms_norm_eps, affine=False)
         self.linear = nn.Linear(h, cfg.latent_size, bias=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h, bias=False))
 

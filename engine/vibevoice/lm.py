@@ -16,17 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .norm import rms_norm
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+from .norm import RMSNorm
 
 
 @dataclass

@@ -18,7 +18,8 @@ from torch import nn
 from .codec import Decoder, Encoder
 from .config import VibeVoiceConfig
 from .diffusion import DiffusionHead
-from .lm import Qwen2, RMSNorm
+from .lm import Qwen2
+from .norm import RMSNorm
 
 
 class Connector(nn.Module):
