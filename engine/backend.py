@@ -8,12 +8,16 @@ A backend turns one turn of a dialogue into audio in two stages, so that the pip
 
 Per-model facts (sample rate, voices, modes) live on the backend; per-call settings live in
 `SynthesisParams` (Piper's split of PiperConfig vs SynthesisConfig).
+
+A request the backend refuses raises `ProtocolError` (vibecast.protocol.messages), the one error
+type that crosses the engine boundary; anything else it raises is a bug, reported as `internal`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,38 +65,39 @@ class SynthesisParams:
     steps: int | None = None
 
 
-class BadRequest(ValueError):
-    """A request the backend cannot serve, with the protocol field it concerns."""
-
-    def __init__(self, code: str, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.field = field
-        self.message = message
-
-
 class Backend(Protocol):
-    name: str
-    """Model name echoed in `ready.model.name`."""
-    sample_rate: int
-    """Rate of the PCM that `render` yields."""
-    modes: tuple[str, ...]
-    """Generation modes; the first is the default."""
-    lanes: Lanes
-    """Where encode and render run (CPU threads or CUDA streams)."""
+    # Read-only members, so a backend may declare narrower types (CpuLanes, a 1-tuple of modes).
+    @property
+    def name(self) -> str:
+        """Model name echoed in `ready.model.name`."""
+
+    @property
+    def sample_rate(self) -> int:
+        """Rate of the PCM that `render` yields."""
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Generation modes; the first is the default."""
+
+    @property
+    def lanes(self) -> Lanes:
+        """Where encode and render run (CPU threads or CUDA streams)."""
 
     def voices(self) -> list[Voice]: ...
 
     def check_params(self, params: SynthesisParams) -> None:
-        """Raise BadRequest for settings this backend cannot honour."""
+        """Raise ProtocolError for settings this backend cannot honour."""
 
     def open_session(self, speakers: list[SpeakerVoice], params: SynthesisParams) -> Any:
-        """Per-session state (voice prompts, RNG, caches). Raises BadRequest for bad voices."""
+        """Per-session state (voice prompts, RNG, caches). Raises ProtocolError for unusable voices.
+
+        Voice names have been checked against `voices()` by the server.
+        """
 
     def encode(self, session: Any, turn: Turn, slot: int) -> Any:
         """Text stage of one turn, written into buffer `slot` (0 or 1) of the session."""
 
-    def render(self, session: Any, encoded: Any) -> Iterator[np.ndarray]:
+    def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
         """Acoustic stage: mono float32 chunks at `sample_rate`, in order."""
 
     def close_session(self, session: Any) -> None: ...

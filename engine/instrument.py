@@ -4,8 +4,9 @@ overlap tests and by `vibecast bench` to measure how much of the text stage the 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -28,11 +29,10 @@ class TimedBackend:
         self.spans[("encode", turn.index)] = [start, time.perf_counter()]
         return (turn.index, encoded)
 
-    def render(self, session: Any, encoded: Any) -> Iterator[np.ndarray]:
+    def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
         index, inner = encoded
         start = time.perf_counter()
-        for chunk in self.inner.render(session, inner):
-            yield chunk
+        yield from self.inner.render(session, inner)
         self.spans[("render", index)] = [start, time.perf_counter()]
 
     def hidden_fraction(self, turns: int) -> float:

@@ -7,7 +7,9 @@ from pathlib import Path
 from .backend import Backend
 
 
-def load_backend(model: str, device: str = "auto", dtype: str = "auto", voices: str | None = None) -> Backend:
+def load_backend(
+    model: str, device: str = "auto", dtype: str = "auto", voices: str | None = None
+) -> Backend:
     """'piper' (default voice), a Piper .onnx file, or a VibeVoice directory or hub id."""
     if model == "piper":
         from .piper_voice import PiperBackend

@@ -21,13 +21,15 @@ import json
 import math
 import os
 import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from .backend import BadRequest, SpeakerVoice, SynthesisParams, Turn, Voice
+from ..protocol.messages import Code, ProtocolError
+from .backend import SpeakerVoice, SynthesisParams, Turn, Voice
 from .lanes import CpuLanes
 from .pitch import median_f0
 from .resample import Resampler
@@ -36,6 +38,8 @@ SAMPLE_RATE = 24000
 CONTEXT = 16  # z frames decoded on each side of a window and thrown away
 WINDOWS = (20, 48, 96, 192)  # window sizes in z frames: small first for a fast first chunk
 MAX_PIECE_CHARS = 300  # longer sentences are split at a comma or space, bounding memory
+PITCH_EXCERPT_S = 15.0  # of an uploaded voice sample, for its median pitch
+PITCH_RATE = 16000
 GAIN = 1.5  # the raw model output sits near -25 dBFS RMS; this brings speech near -21
 
 
@@ -81,9 +85,7 @@ def _split_graph(model_path: Path) -> tuple[bytes, bytes, str]:
     from onnx.utils import Extractor
 
     model = onnx.load(str(model_path))
-    z_name = next(
-        (n.input[0] for n in model.graph.node if n.name == "/dec/conv_pre/Conv"), None
-    )
+    z_name = next((n.input[0] for n in model.graph.node if n.name == "/dec/conv_pre/Conv"), None)
     if z_name is None:
         raise ValueError(f"{model_path}: not a Piper VITS model (no /dec/conv_pre/Conv node)")
     inputs = [i.name for i in model.graph.input]
@@ -196,35 +198,37 @@ class PiperBackend:
 
     def check_params(self, params: SynthesisParams) -> None:
         if params.mode not in self.modes:
-            raise BadRequest(
-                "bad_field",
-                "options.mode",
+            raise ProtocolError(
+                Code.BAD_FIELD,
                 f"options.mode {params.mode!r} is not available with the Piper voice; use 'turns'.",
+                field="options.mode",
             )
 
     def _style_for(self, index: int, speaker: SpeakerVoice) -> Style:
-        if speaker.audio is not None:
-            f0 = median_f0(speaker.audio, speaker.audio_rate)
-            if f0 <= 0:
-                raise BadRequest(
-                    "bad_voice_audio",
-                    f"speakers[{index}].voice_audio",
-                    f"speakers[{index}].voice_audio has no voiced speech to take a pitch from; "
-                    "upload a few seconds of clear speech.",
-                )
-            # Piper cannot clone a voice; it matches the sample's median pitch instead.
-            shift = float(np.clip(12.0 * math.log2(f0 / NATURAL_F0_HZ), -6.0, 12.0))
-            return Style(f"upload:{speaker.name}", shift, 1.0, "pitch matched to an upload")
-        style = self._styles.get(speaker.voice_id or "")
-        if style is None:
-            known = ", ".join(self._styles)
-            raise BadRequest(
-                "unknown_voice",
-                f"speakers[{index}].voice",
-                f"speakers[{index}].voice is {speaker.voice_id!r}, which this server does not "
-                f"have; choose one of: {known} (GET /v1/voices).",
+        if speaker.audio is None:
+            return self._styles[speaker.voice_id or ""]
+        # Piper cannot clone a voice; it matches the sample's median pitch instead, measured on
+        # an excerpt: the pitch of a speaker does not need two minutes of audio, and the time
+        # spent here stays bounded whatever the upload.
+        excerpt = speaker.audio[: int(PITCH_EXCERPT_S * speaker.audio_rate)]
+        # F0 lies below 600 Hz: about 16 kHz keeps it and costs a fraction of 96 kHz. A box
+        # filter and decimation are enough for a median pitch, and cheap.
+        step = max(1, speaker.audio_rate // PITCH_RATE)
+        if step > 1:
+            sums = np.cumsum(np.concatenate([[0.0], excerpt.astype(np.float64)]))
+            ends = np.arange(step, len(sums), step)
+            excerpt = (sums[ends] - sums[ends - step]) / step
+        f0 = median_f0(excerpt, speaker.audio_rate // step)
+        if f0 <= 0:
+            field = f"speakers[{index}].voice_audio"
+            raise ProtocolError(
+                Code.BAD_VOICE_AUDIO,
+                f"{field} has no voiced speech to take a pitch from; upload a few seconds of "
+                "clear speech.",
+                field=field,
             )
-        return style
+        shift = float(np.clip(12.0 * math.log2(f0 / NATURAL_F0_HZ), -6.0, 12.0))
+        return Style(f"upload:{speaker.name}", shift, 1.0, "pitch matched to an upload")
 
     def open_session(self, speakers: list[SpeakerVoice], params: SynthesisParams) -> PiperSession:
         return PiperSession(
@@ -293,7 +297,9 @@ class PiperBackend:
             yield audio[(start - lo) * hop : (end - lo) * hop]
             start, w = end, w + 1
 
-    def render(self, session: PiperSession, encoded: EncodedTurn) -> Iterator[np.ndarray]:
+    def render(
+        self, session: PiperSession, encoded: EncodedTurn
+    ) -> Generator[np.ndarray, None, None]:
         pitch = 2.0 ** (encoded.style.semitones / 12.0)
         resampler = Resampler(self.config.sample_rate * pitch, SAMPLE_RATE)
         for z in encoded.latents:
@@ -307,4 +313,3 @@ class PiperBackend:
         )
         for _ in self.render(session, self.encode(session, Turn(0, 0, "Warming up."), 0)):
             pass
-

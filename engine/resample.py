@@ -48,7 +48,9 @@ class Resampler:
         ratio = float(out_rate) / float(in_rate)
         self.factor = int(round(ratio)) if ratio > 1 and abs(ratio - round(ratio)) < 1e-12 else 0
         if self.factor:
-            self._phase_kernels = list(_kernel_table(self.half, cutoff, beta=8.0, phases=self.factor)[: self.factor])
+            self._phase_kernels = list(
+                _kernel_table(self.half, cutoff, beta=8.0, phases=self.factor)[: self.factor]
+            )
 
     def _emit(self, k_end: int, padded: np.ndarray) -> np.ndarray:
         if k_end <= self._k:

@@ -1,7 +1,9 @@
 """The script format: one `Speaker N: text` line per turn (the format VibeVoice's demos read).
 
-Lines that do not match are refused with their line number rather than dropped. Speaker
-numbers may start at 0 or 1; 1-based scripts are shifted to 0-based, as the reference does.
+Lines that do not match are refused with their line number rather than dropped. The numbers
+only name speakers: the distinct ones that appear, sorted ascending, become speakers 0, 1, 2, ...
+("Speaker 1"/"Speaker 3" -> 0/1; "Speaker 2" first, then "Speaker 1" -> Speaker 1 is 0). The page
+(web_demo/app.js `parse`) applies the same rule; docs/protocol.md "Scripts as text" states it.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_LINE = re.compile(r"^\s*speaker\s+(\d+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
+# [0-9], not \d: the page's JavaScript \d is ASCII only, while int() takes any script's digits.
+_LINE = re.compile(r"^\s*speaker\s+([0-9]+)\s*:\s*(.*?)\s*$", re.IGNORECASE)
 
 
 class ScriptError(ValueError):
@@ -29,11 +32,13 @@ def parse_script(text: str) -> list[ScriptLine]:
             continue
         m = _LINE.match(raw)
         if m is None:
-            raise ScriptError(f"line {number}: expected 'Speaker N: text', got {raw.strip()[:60]!r}")
+            raise ScriptError(
+                f"line {number}: expected 'Speaker N: text', got {raw.strip()[:60]!r}"
+            )
         if not m.group(2):
             raise ScriptError(f"line {number}: Speaker {m.group(1)} has nothing to say")
         lines.append((int(m.group(1)), m.group(2)))
     if not lines:
         raise ScriptError("the script has no 'Speaker N: text' lines")
-    shift = 1 if min(s for s, _ in lines) > 0 else 0
-    return [ScriptLine(s - shift, t) for s, t in lines]
+    index = {n: i for i, n in enumerate(sorted({n for n, _ in lines}))}
+    return [ScriptLine(index[n], t) for n, t in lines]

@@ -1,17 +1,19 @@
 """An asyncio client for vibecast.v1, for apps, `vibecast say`, `vibecast bench` and the tests.
 
-    async with await Client.connect("ws://127.0.0.1:8000/v1/stream") as client:
-        ready = await client.start(speakers=[{"voice": "joe"}], turns=[{"speaker": 0, "text": "Hi."}])
-        async for message in client:
-            ...  # TurnStart, Audio, TurnEnd, Progress, Done (then the server closes)
+async with await Client.connect("ws://127.0.0.1:8000/v1/stream") as client:
+    ready = await client.start(speakers=[{"voice": "joe"}], turns=[{"speaker": 0, "text": "Hi."}])
+    async for message in client:
+        ...  # TurnStart, Audio, TurnEnd, Progress, Done (then the server closes)
 """
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from .messages import (
     PROTOCOL,
@@ -78,7 +80,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else None
         ws = await connect(
             url,
-            subprotocols=[PROTOCOL],  # type: ignore[list-item]
+            subprotocols=[Subprotocol(PROTOCOL)],
             additional_headers=headers,
             open_timeout=open_timeout,
             max_size=max_size,
@@ -118,7 +120,14 @@ class Client:
         fmt = FormatSpec(**format) if isinstance(format, Mapping) else format
         opts = Options(**options) if isinstance(options, Mapping) else options
         await self.send(
-            Start([_speaker(s) for s in speakers], [_turn(t) for t in turns], more, fmt, opts, request_id)
+            Start(
+                [_speaker(s) for s in speakers],
+                [_turn(t) for t in turns],
+                more,
+                fmt,
+                opts,
+                request_id,
+            )
         )
         return await self._until_ready(on_queued)
 
@@ -139,7 +148,9 @@ class Client:
                 if result is not None:
                     await result
 
-    async def append(self, turns: Sequence[TurnSpec | Mapping[str, Any]], more: bool = False) -> None:
+    async def append(
+        self, turns: Sequence[TurnSpec | Mapping[str, Any]], more: bool = False
+    ) -> None:
         await self.send(Append([_turn(t) for t in turns], more))
 
     async def playback(self, played_ms: int) -> None:

@@ -10,6 +10,7 @@ ignored and unknown types come back as `Unknown`, so old clients keep working.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -311,9 +312,7 @@ def _get(obj: dict[str, Any], key: str, kind: type, path: str, required: bool = 
     full = f"{path}.{key}" if path else key
     if key not in obj or obj[key] is None:
         if required:
-            raise ProtocolError(
-                Code.BAD_FIELD, f"{full} is required and missing.", field=full
-            )
+            raise ProtocolError(Code.BAD_FIELD, f"{full} is required and missing.", field=full)
         return None
     value = obj[key]
     if kind is float:
@@ -346,7 +345,37 @@ def _map(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def _turns(obj: dict[str, Any], path: str, n_speakers: int | None, first: int = 0) -> list[TurnSpec]:
+# C0 and C1 control characters, DEL included; tab and line breaks are ordinary in a script.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+MAX_NAME_CHARS = 100  # speaker names and voice names
+MAX_REQUEST_ID_CHARS = 200
+MAX_PLAYED_MS = 2**31 - 1  # ~24.8 days, far past any session; keeps the server's sums in range
+
+
+def _no_control(text: str, where: str, turn: int | None = None) -> None:
+    found = _CONTROL.search(text)
+    if found:
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            f"{where} contains the control character U+{ord(found.group()):04X} at position "
+            f"{found.start()}; remove control characters (tabs and line breaks are fine).",
+            field=where,
+            turn=turn,
+        )
+
+
+def _short_name(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = _get(obj, key, str, where)
+    if value is not None:
+        if len(value) > MAX_NAME_CHARS:
+            raise _bad(f"{where}.{key}", f"must be at most {MAX_NAME_CHARS} characters")
+        _no_control(value, f"{where}.{key}")
+    return value
+
+
+def _turns(
+    obj: dict[str, Any], path: str, n_speakers: int | None, first: int = 0
+) -> list[TurnSpec]:
     raw = _get(obj, "turns", list, path, required=True)
     turns = []
     for i, item in enumerate(raw):
@@ -371,6 +400,7 @@ def _turns(obj: dict[str, Any], path: str, n_speakers: int | None, first: int = 
                 field=f"{where}.text",
                 turn=first + i,
             )
+        _no_control(text, f"{where}.text", first + i)
         turns.append(TurnSpec(speaker, text))
     return turns
 
@@ -394,10 +424,8 @@ def _parse_start(m: dict[str, Any]) -> Start:
     for i, item in enumerate(raw_speakers):
         where = f"speakers[{i}]"
         s = _map(item, where)
-        name = _get(s, "name", str, where)
-        if name is not None and len(name) > 100:
-            raise _bad(f"{where}.name", "must be at most 100 characters")
-        voice = _get(s, "voice", str, where)
+        name = _short_name(s, "name", where)
+        voice = _short_name(s, "voice", where)
         audio = _get(s, "voice_audio", bytes, where)
         fmt = _get(s, "voice_format", str, where)
         if (voice is None) == (audio is None):
@@ -430,8 +458,10 @@ def _parse_start(m: dict[str, Any]) -> Start:
         if rate is not None:
             allowed = (8000, 12000, 16000, 24000, 48000)
             if codec == "opus" and rate not in allowed:
-                raise _bad("format.sample_rate", "must be one of 8000, 12000, 16000, 24000 "
-                           "or 48000 for opus")
+                raise _bad(
+                    "format.sample_rate",
+                    "must be one of 8000, 12000, 16000, 24000 or 48000 for opus",
+                )
             if codec == "pcm_s16le" and not 8000 <= rate <= 48000:
                 raise _bad("format.sample_rate", "must be between 8000 and 48000")
         bitrate = _int_in(f, "bitrate", "format", 6000, 256000)
@@ -453,12 +483,20 @@ def _parse_start(m: dict[str, Any]) -> Start:
             mode=_get(o, "mode", str, "options"),
         )
     request_id = _get(m, "request_id", str, "")
-    if request_id is not None and len(request_id) > 200:
-        raise _bad("request_id", "must be at most 200 characters")
+    if request_id is not None and (
+        len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable()
+    ):
+        raise _bad(
+            "request_id",
+            f"must be at most {MAX_REQUEST_ID_CHARS} printable characters (no line breaks, tabs "
+            "or other control characters; it is written to the server's log)",
+        )
     return Start(speakers, turns, more, fmt_spec, options, request_id)
 
 
-def parse_client(data: bytes, n_speakers: int | None = None, turns_before: int = 0) -> ClientMessage:
+def parse_client(
+    data: bytes, n_speakers: int | None = None, turns_before: int = 0
+) -> ClientMessage:
     """Decode and validate one client frame.
 
     `n_speakers` (the session's speaker count) lets `append` check speaker indices, and
@@ -471,10 +509,8 @@ def parse_client(data: bytes, n_speakers: int | None = None, turns_before: int =
     if kind == "append":
         return Append(_turns(m, "", n_speakers, turns_before), _more(m))
     if kind == "playback":
-        played = _get(m, "played_ms", int, "", required=True)
-        if played < 0:
-            raise _bad("played_ms", "must not be negative")
-        return Playback(played)
+        played = _int_in(m, "played_ms", "", 0, MAX_PLAYED_MS, required=True)
+        return Playback(played)  # type: ignore[arg-type]
     if kind == "cancel":
         return Cancel()
     if kind == "resume":
@@ -485,20 +521,60 @@ def parse_client(data: bytes, n_speakers: int | None = None, turns_before: int =
         )
     raise ProtocolError(
         Code.BAD_MESSAGE,
-        f"unknown message type {kind!r}; a client sends start, append, playback, cancel or "
-        "resume.",
+        f"unknown message type {kind!r}; a client sends start, append, playback, cancel or resume.",
         field="type",
     )
 
 
+# Bounds on what one frame may hold, checked while it is unpacked so that a frame of 10 MB made of
+# millions of tiny containers is refused after a few thousand of them instead of being built
+# (10 M empty maps took ~1.5 s and ~700 MB). The largest legitimate frame is a `start` with
+# `max_turns` turns: a list of 10,000 maps of two entries.
+MAX_CONTAINER_LEN = 20_000  # entries of one list or map
+MAX_ITEMS = 100_000  # entries of all lists and maps of one frame together
+
+
+class _Budget:
+    """Counts the entries of every list and map msgpack builds; raises past MAX_ITEMS."""
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def seen(self, container: Any) -> Any:
+        self.items += len(container)
+        if self.items > MAX_ITEMS:
+            raise _TooMany
+        return container
+
+
+class _TooMany(Exception):
+    pass
+
+
 def unpack(data: bytes) -> dict[str, Any]:
     """A msgpack map with a string `type`, or ProtocolError(bad_message)."""
+    budget = _Budget()
     try:
-        m = msgpack.unpackb(data, raw=False)
+        m = msgpack.unpackb(
+            data,
+            raw=False,
+            max_array_len=MAX_CONTAINER_LEN,
+            max_map_len=MAX_CONTAINER_LEN,
+            max_ext_len=0,
+            list_hook=budget.seen,
+            object_hook=budget.seen,
+        )
+    except _TooMany:
+        raise ProtocolError(
+            Code.BAD_MESSAGE,
+            f"the frame holds more than {MAX_ITEMS} list and map entries; no vibecast.v1 "
+            "message needs that many. Split the script with append.",
+        ) from None
     except Exception as e:  # msgpack raises several unrelated classes for bad input
         raise ProtocolError(
             Code.BAD_MESSAGE,
-            f"the frame is not valid msgpack ({type(e).__name__}); send one msgpack map per "
+            f"the frame is not valid msgpack, or holds a list or map of more than "
+            f"{MAX_CONTAINER_LEN} entries ({type(e).__name__}); send one msgpack map per "
             "binary frame.",
         ) from None
     if not isinstance(m, dict):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from .opus import packet_samples
 
@@ -26,14 +27,26 @@ def _crc_table() -> list[int]:
 
 
 _CRC = _crc_table()
+# Ogg's CRC is the MSB-first twin of zlib's LSB-first CRC-32 (same polynomial). Reversing the
+# bits of every byte turns one into the other, so zlib's C loop does the work: ~1000x faster
+# than a Python loop over the bytes, which took ~0.7 s per 10 MB of upload.
+_REVERSED_BYTES = bytes(int(f"{b:08b}"[::-1], 2) for b in range(256))
 
 
-def ogg_crc(data: bytes) -> int:
-    """Ogg's CRC-32: polynomial 0x04C11DB7, not reflected, init 0, no final xor (not zlib's)."""
+def ogg_crc_slow(data: bytes) -> int:
+    """The definition, byte by byte (the tests check `ogg_crc` against it)."""
     crc = 0
     for b in data:
         crc = ((crc << 8) & 0xFFFFFFFF) ^ _CRC[((crc >> 24) ^ b) & 0xFF]
     return crc
+
+
+def ogg_crc(data: bytes) -> int:
+    """Ogg's CRC-32: polynomial 0x04C11DB7, not reflected, init 0, no final xor (not zlib's)."""
+    # zlib.crc32(d, 0xFFFFFFFF) runs the reflected CRC from register 0 and xors the result with
+    # 0xFFFFFFFF; undo that xor, then reverse the 32 bits back to MSB-first order.
+    reflected = zlib.crc32(data.translate(_REVERSED_BYTES), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 def opus_head(pre_skip: int, input_rate: int, channels: int = 1) -> bytes:
@@ -140,10 +153,14 @@ def _pages(data: bytes) -> Iterator[tuple[int, int, int, bytes, bytes]]:
         pos = end
 
 
-def read_ogg_opus(data: bytes) -> OggOpus:
-    """Parse the first logical stream of an Ogg Opus file. Raises ValueError if it is not one."""
+def read_ogg_opus(data: bytes, max_packets: int | None = None) -> OggOpus:
+    """Parse the first logical stream of an Ogg Opus file. Raises ValueError if it is not one.
+
+    Work is linear in the size of `data`. With `max_packets`, parsing stops with ValueError once
+    the stream holds more audio packets than that (callers bound what they will decode).
+    """
     packets: list[bytes] = []
-    partial = b""
+    pieces: list[bytes] = []  # of the packet that continues on the next lacing value or page
     serial = None
     granule = 0
     for _, page_granule, page_serial, lacing, body in _pages(data):
@@ -153,11 +170,13 @@ def read_ogg_opus(data: bytes) -> OggOpus:
             continue
         offset = 0
         for lace in lacing:
-            partial += body[offset : offset + lace]
+            pieces.append(body[offset : offset + lace])
             offset += lace
             if lace < 255:
-                packets.append(partial)
-                partial = b""
+                packets.append(b"".join(pieces))
+                pieces = []
+                if max_packets is not None and len(packets) > max_packets + 2:
+                    raise ValueError(f"the Ogg stream holds more than {max_packets} packets")
         if page_granule >= 0:
             granule = page_granule
     if len(packets) < 2 or not packets[0].startswith(b"OpusHead") or len(packets[0]) < 19:

@@ -18,8 +18,7 @@ try:
     from opuslib import APPLICATION_AUDIO, SIGNAL_VOICE
 except Exception as e:  # opuslib raises a bare Exception when libopus is missing
     raise ImportError(
-        "libopus was not found: install the system package libopus0 "
-        "(scripts/setup.sh does this)"
+        "libopus was not found: install the system package libopus0 (scripts/setup.sh does this)"
     ) from e
 
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -55,7 +54,9 @@ class OpusEncoder:
         """Encode float32 samples whose length is a whole number of frames."""
         frames = np.ascontiguousarray(frames, dtype=np.float32)
         if len(frames) % self.frame:
-            raise ValueError(f"{len(frames)} samples is not a whole number of {self.frame}-sample frames")
+            raise ValueError(
+                f"{len(frames)} samples is not a whole number of {self.frame}-sample frames"
+            )
         packets = []
         for i in range(0, len(frames), self.frame):
             chunk = frames[i : i + self.frame]

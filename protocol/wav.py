@@ -9,8 +9,24 @@ import wave
 import numpy as np
 
 
-def read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """(mono float32 samples, sample rate); channels are averaged. Raises ValueError."""
+def seconds_over(seconds: float, limit: float) -> str:
+    """`seconds` with as many decimals as it takes to print above `limit` ("120.1", not "120")."""
+    for places in range(1, 7):
+        text = f"{seconds:.{places}f}"
+        if float(text) > limit:
+            return text
+    return f"{seconds:.6f}"
+
+
+def too_long(seconds: float, limit: float) -> str:
+    return f"it is {seconds_over(seconds, limit)} s long; trim it to {limit:g} s or less"
+
+
+def read_wav(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sample rate); channels are averaged. Raises ValueError.
+
+    With `max_seconds`, a longer file is refused from its header, before any sample is read.
+    """
     # The stdlib reader refuses WAVE_FORMAT_IEEE_FLOAT (3) and EXTENSIBLE, so walk the chunks.
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise ValueError("not a WAV file (no RIFF/WAVE header)")
@@ -33,6 +49,8 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     width = bits // 8
     usable = len(body) - len(body) % (width * channels) if width else 0
     raw = body[:usable]
+    if max_seconds is not None and width and usable / (width * channels) / rate > max_seconds:
+        raise ValueError(too_long(usable / (width * channels) / rate, max_seconds))
     if tag == 3 and bits == 32:
         x = np.frombuffer(raw, "<f4").astype(np.float32)
     elif tag == 1 and bits == 16:
@@ -58,7 +76,14 @@ def wav_bytes(x: np.ndarray, rate: int, float32: bool = False) -> bytes:
     if float32:
         body = np.asarray(x, dtype="<f4").tobytes()
         fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
-        chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(body)) + body
+        chunks = (
+            b"fmt "
+            + struct.pack("<I", len(fmt))
+            + fmt
+            + b"data"
+            + struct.pack("<I", len(body))
+            + body
+        )
         return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:

@@ -21,12 +21,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "vibevoice"
-PACKAGES = ["torch==2.13.0", "transformers==4.51.3", "diffusers==0.35.1", "tqdm", "numpy", "safetensors", "tokenizers"]
+PACKAGES = [
+    "torch==2.13.0",
+    "transformers==4.51.3",
+    "diffusers==0.35.1",
+    "tqdm",
+    "numpy",
+    "safetensors",
+    "tokenizers",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", default="/tmp/vibecast-vibevoice-reference", help="throwaway environment")
+    parser.add_argument(
+        "--venv", default="/tmp/vibecast-vibevoice-reference", help="throwaway environment"
+    )
     args = parser.parse_args()
     venv = Path(args.venv)
     python = venv / "bin" / "python"
@@ -38,7 +48,9 @@ def main() -> None:
         subprocess.run(pip + ["--no-deps", "vibevoice==0.0.1"], check=True)
     if OUT.exists():
         shutil.rmtree(OUT)
-    subprocess.run([str(python), str(ROOT / "scripts" / "vibevoice_reference.py"), str(OUT)], check=True)
+    subprocess.run(
+        [str(python), str(ROOT / "scripts" / "vibevoice_reference.py"), str(OUT)], check=True
+    )
     print(f"wrote {OUT}")
 
 

@@ -3,7 +3,8 @@
 # there: system packages (apt-get), a virtual environment in .venv, Python packages pinned by
 # constraints.txt, and the browser demo's one front-end dependency (npm ci).
 #   scripts/setup.sh          what the server needs
-#   scripts/setup.sh --test   also what the test suite needs (chromium, pytest, playwright)
+#   scripts/setup.sh --test   also what the test suite needs (chromium, pytest, playwright, ruff,
+#                             mypy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,7 +36,7 @@ extras=""
 [ "$want_test" = 1 ] && extras="[test]"
 stamp=".venv/.vibecast-setup$extras"
 digest=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] && [ "$(cat .venv/.vibecast-setup[test] 2>/dev/null)" != "$digest" ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] && [ "$(cat ".venv/.vibecast-setup[test]" 2>/dev/null)" != "$digest" ]; then
   echo "setup: installing Python packages"
   .venv/bin/python -m pip install -q --upgrade pip
   # The CPU build of torch 2.13.0 is on the machine; any other torch pulls gigabytes of CUDA.

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
 from vibevoice.modular.configuration_vibevoice import VibeVoiceConfig
-from vibevoice.modular.modeling_vibevoice_inference import VibeVoiceForConditionalGenerationInference
+from vibevoice.modular.modeling_vibevoice_inference import (
+    VibeVoiceForConditionalGenerationInference,
+)
 from vibevoice.modular.modular_vibevoice_text_tokenizer import VibeVoiceTextTokenizerFast
 from vibevoice.modular.modular_vibevoice_tokenizer import VibeVoiceTokenizerStreamingCache
 from vibevoice.processor.vibevoice_processor import VibeVoiceProcessor
@@ -37,7 +38,12 @@ STEPS = 5
 # Found by a search over these four weights, the noise and the weights seed: with them the
 # reference generates 69 tokens with diffusion runs, segment ends and restarts, a mid-segment
 # speech_start and a final eos (reference.json records the counts).
-ROW_WEIGHTS = {"<|vision_pad|>": 3.97, "<|vision_end|>": 2.89, "<|vision_start|>": 3.16, "<|endoftext|>": 2.39}
+ROW_WEIGHTS = {
+    "<|vision_pad|>": 3.97,
+    "<|vision_end|>": 2.89,
+    "<|vision_start|>": 3.16,
+    "<|endoftext|>": 2.39,
+}
 ROW_NOISE = 1.31
 WEIGHTS_SEED = 11
 SPECIAL = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>"]
@@ -68,30 +74,71 @@ def tiny_tokenizer() -> Tokenizer:
 
 def tiny_config(vocab: int) -> dict:
     codec = {
-        "causal": True, "channels": 1, "conv_bias": True, "conv_norm": "none", "corpus_normalize": 0.0,
-        "encoder_n_filters": 2, "decoder_n_filters": 2, "encoder_ratios": [8, 5, 5, 4, 2, 2],
-        "decoder_ratios": [8, 5, 5, 4, 2, 2], "encoder_depths": "1-1-1-1-1-1-2", "decoder_depths": None,
-        "disable_last_norm": True, "layer_scale_init_value": 1e-6, "layernorm": "RMSNorm",
-        "layernorm_elementwise_affine": True, "layernorm_eps": 1e-5, "mixer_layer": "depthwise_conv",
-        "pad_mode": "constant", "weight_init_value": 0.01,
+        "causal": True,
+        "channels": 1,
+        "conv_bias": True,
+        "conv_norm": "none",
+        "corpus_normalize": 0.0,
+        "encoder_n_filters": 2,
+        "decoder_n_filters": 2,
+        "encoder_ratios": [8, 5, 5, 4, 2, 2],
+        "decoder_ratios": [8, 5, 5, 4, 2, 2],
+        "encoder_depths": "1-1-1-1-1-1-2",
+        "decoder_depths": None,
+        "disable_last_norm": True,
+        "layer_scale_init_value": 1e-6,
+        "layernorm": "RMSNorm",
+        "layernorm_elementwise_affine": True,
+        "layernorm_eps": 1e-5,
+        "mixer_layer": "depthwise_conv",
+        "pad_mode": "constant",
+        "weight_init_value": 0.01,
     }
     return {
         "model_type": "vibevoice",
         "acoustic_vae_dim": 8,
         "semantic_vae_dim": 16,
-        "acoustic_tokenizer_config": {**codec, "vae_dim": 8, "fix_std": 0.5, "std_dist_type": "gaussian"},
-        "semantic_tokenizer_config": {**codec, "vae_dim": 16, "fix_std": 0, "std_dist_type": "none"},
+        "acoustic_tokenizer_config": {
+            **codec,
+            "vae_dim": 8,
+            "fix_std": 0.5,
+            "std_dist_type": "gaussian",
+        },
+        "semantic_tokenizer_config": {
+            **codec,
+            "vae_dim": 16,
+            "fix_std": 0,
+            "std_dist_type": "none",
+        },
         "decoder_config": {
-            "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
-            "max_position_embeddings": 2048, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": None, "hidden_act": "silu",
+            "model_type": "qwen2",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab,
+            "max_position_embeddings": 2048,
+            "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "hidden_act": "silu",
         },
         "diffusion_head_config": {
-            "hidden_size": 32, "head_layers": 2, "head_ffn_ratio": 3.0, "latent_size": 8,
-            "speech_vae_dim": 8, "rms_norm_eps": 1e-5, "ddpm_num_steps": 1000,
-            "ddpm_num_inference_steps": 20, "ddpm_beta_schedule": "cosine",
-            "prediction_type": "v_prediction", "ddpm_batch_mul": 4, "diffusion_type": "ddpm",
+            "hidden_size": 32,
+            "head_layers": 2,
+            "head_ffn_ratio": 3.0,
+            "latent_size": 8,
+            "speech_vae_dim": 8,
+            "rms_norm_eps": 1e-5,
+            "ddpm_num_steps": 1000,
+            "ddpm_num_inference_steps": 20,
+            "ddpm_beta_schedule": "cosine",
+            "prediction_type": "v_prediction",
+            "ddpm_batch_mul": 4,
+            "diffusion_type": "ddpm",
         },
         "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,  # the reference ties on this top-level flag
@@ -106,7 +153,7 @@ CODEC_GAIN = 0.5
 OUT_GAIN = 2.0  # the decoder's last conv: audio within about +-0.5
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
+def randomize(model: VibeVoiceForConditionalGenerationInference, seed: int) -> None:
     """Every tensor random (the reference zero-initializes parts of the head), at sane scales."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
@@ -130,7 +177,12 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     model.model.speech_bias_factor.fill_(-0.1)
 
 
-def shape_special_rows(model: torch.nn.Module, prompt: torch.Tensor, tok: Tokenizer, seed: int) -> None:
+def shape_special_rows(
+    model: VibeVoiceForConditionalGenerationInference,
+    prompt: torch.Tensor,
+    tok: Tokenizer,
+    seed: int,
+) -> None:
     """Random weights choose one token forever. Point the four allowed tokens' output rows
     (lm_head: this tiny model is untied, like the 7B) along the LM's mean hidden direction with
     different weights, so that generation mostly diffuses, now and then ends a segment, starts
@@ -142,7 +194,9 @@ def shape_special_rows(model: torch.nn.Module, prompt: torch.Tensor, tok: Tokeni
         emb = model.lm_head.weight
         for token, beta in ROW_WEIGHTS.items():
             i = tok.token_to_id(token)
-            emb[i] = beta * d + ROW_NOISE * torch.randn(emb.shape[1], generator=g) / math.sqrt(emb.shape[1])
+            emb[i] = beta * d + ROW_NOISE * torch.randn(emb.shape[1], generator=g) / math.sqrt(
+                emb.shape[1]
+            )
 
 
 def voices() -> list[np.ndarray]:
@@ -168,7 +222,8 @@ def main(out: Path, weights_seed: int) -> None:
     model = VibeVoiceForConditionalGenerationInference(config)
     randomize(model, weights_seed)
     processor0 = VibeVoiceProcessor(
-        tokenizer=VibeVoiceTextTokenizerFast.from_pretrained(tiny), audio_processor=VibeVoiceTokenizerProcessor()
+        tokenizer=VibeVoiceTextTokenizerFast.from_pretrained(tiny),
+        audio_processor=VibeVoiceTokenizerProcessor(),
     )
     prompt = processor0(text=[SCRIPT], voice_samples=[voices()], return_tensors="pt")["input_ids"]
     shape_special_rows(model, prompt, tok, weights_seed)
@@ -176,7 +231,9 @@ def main(out: Path, weights_seed: int) -> None:
     (tiny / "generation_config.json").unlink(missing_ok=True)  # transformers' extra, not ours
 
     # Everything below runs the reference as a user would: loaded from the files, in fp32.
-    ref = VibeVoiceForConditionalGenerationInference.from_pretrained(tiny, torch_dtype=torch.float32)
+    ref = VibeVoiceForConditionalGenerationInference.from_pretrained(
+        tiny, torch_dtype=torch.float32
+    )
     ref.eval()
     m = ref.model
     fx: dict[str, torch.Tensor] = {}
@@ -190,51 +247,110 @@ def main(out: Path, weights_seed: int) -> None:
         x = torch.randn(3, 8, generator=g)
         t = torch.tensor([999.0, 500.0, 100.0])
         cond = torch.randn(3, 32, generator=g)
-        fx.update(head_x=x, head_t=t, head_cond=cond, head_v=m.prediction_head(x, t, condition=cond))
+        fx.update(
+            head_x=x, head_t=t, head_cond=cond, head_v=m.prediction_head(x, t, condition=cond)
+        )
 
         pos, neg = torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g)
         ref.set_ddpm_inference_steps(STEPS)
         torch.manual_seed(5)
         noise = torch.randn(2, 8)
         torch.manual_seed(5)
-        fx.update(cfg_pos=pos, cfg_neg=neg, cfg_noise=noise, cfg_out=ref.sample_speech_tokens(pos, neg, cfg_scale=CFG_SCALE))
+        fx.update(
+            cfg_pos=pos,
+            cfg_neg=neg,
+            cfg_noise=noise,
+            cfg_out=ref.sample_speech_tokens(pos, neg, cfg_scale=CFG_SCALE),
+        )
 
         latents = torch.randn(1, 8, 6, generator=g)
         cache = VibeVoiceTokenizerStreamingCache()
         idx = torch.tensor([0])
-        frames = [m.acoustic_tokenizer.decode(latents[:, :, i : i + 1], cache=cache, sample_indices=idx, use_cache=True) for i in range(6)]
-        fx.update(dec_latents=latents, dec_streaming=torch.cat(frames, -1), dec_offline=m.acoustic_tokenizer.decode(latents))
+        frames = [
+            m.acoustic_tokenizer.decode(
+                latents[:, :, i : i + 1], cache=cache, sample_indices=idx, use_cache=True
+            )
+            for i in range(6)
+        ]
+        fx.update(
+            dec_latents=latents,
+            dec_streaming=torch.cat(frames, -1),
+            dec_offline=m.acoustic_tokenizer.decode(latents),
+        )
 
         audio = torch.randn(1, 1, 4 * 3200, generator=g) * 0.3
         cache = VibeVoiceTokenizerStreamingCache()
-        feats = [m.semantic_tokenizer.encode(audio[..., i * 3200 : (i + 1) * 3200], cache=cache, sample_indices=idx, use_cache=True).mean for i in range(4)]
-        fx.update(sem_audio=audio, sem_streaming=torch.cat(feats, 1), sem_offline=m.semantic_tokenizer.encode(audio).mean)
+        feats = [
+            m.semantic_tokenizer.encode(
+                audio[..., i * 3200 : (i + 1) * 3200],
+                cache=cache,
+                sample_indices=idx,
+                use_cache=True,
+            ).mean
+            for i in range(4)
+        ]
+        fx.update(
+            sem_audio=audio,
+            sem_streaming=torch.cat(feats, 1),
+            sem_offline=m.semantic_tokenizer.encode(audio).mean,
+        )
 
         clip = torch.randn(2, 1, 9000, generator=g) * 0.2
         fx.update(enc_audio=clip, enc_mean=m.acoustic_tokenizer.encode(clip).mean)
 
     processor = VibeVoiceProcessor(
-        tokenizer=VibeVoiceTextTokenizerFast.from_pretrained(tiny), audio_processor=VibeVoiceTokenizerProcessor()
+        tokenizer=VibeVoiceTextTokenizerFast.from_pretrained(tiny),
+        audio_processor=VibeVoiceTokenizerProcessor(),
     )
     v = voices()
-    inputs = processor(text=[SCRIPT], voice_samples=[v], padding=True, return_tensors="pt", return_attention_mask=True)
+    inputs = processor(
+        text=[SCRIPT],
+        voice_samples=[v],
+        padding=True,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
     ref.set_ddpm_inference_steps(STEPS)
     torch.manual_seed(SEED)
     result = ref.generate(
-        **inputs, max_new_tokens=None, cfg_scale=CFG_SCALE, tokenizer=processor.tokenizer,
-        generation_config={"do_sample": False}, verbose=False, show_progress_bar=False,
+        **inputs,
+        max_new_tokens=None,
+        cfg_scale=CFG_SCALE,
+        tokenizer=processor.tokenizer,
+        generation_config={"do_sample": False},
+        verbose=False,
+        show_progress_bar=False,
     )
     prompt_len = inputs["input_ids"].shape[1]
     tokens = result.sequences[0, prompt_len:].tolist()
     speech = result.speech_outputs[0]
     fx.update(voice_0=torch.from_numpy(v[0]), voice_1=torch.from_numpy(v[1]))
     fx["gen_audio"] = speech.reshape(-1).float() if speech is not None else torch.zeros(0)
-    save_file({k: t.contiguous().float() if t.is_floating_point() else t.contiguous() for k, t in fx.items()}, out / "reference.safetensors")
+    save_file(
+        {
+            k: t.contiguous().float() if t.is_floating_point() else t.contiguous()
+            for k, t in fx.items()
+        },
+        out / "reference.safetensors",
+    )
     t_ = processor.tokenizer
     summary = {
-        "script": SCRIPT, "seed": SEED, "cfg_scale": CFG_SCALE, "steps": STEPS, "weights_seed": weights_seed,
-        "prompt_ids": inputs["input_ids"][0].tolist(), "tokens": tokens,
-        "counts": {name: tokens.count(i) for name, i in (("diffusion", t_.speech_diffusion_id), ("speech_end", t_.speech_end_id), ("speech_start", t_.speech_start_id), ("eos", t_.eos_id))},
+        "script": SCRIPT,
+        "seed": SEED,
+        "cfg_scale": CFG_SCALE,
+        "steps": STEPS,
+        "weights_seed": weights_seed,
+        "prompt_ids": inputs["input_ids"][0].tolist(),
+        "tokens": tokens,
+        "counts": {
+            name: tokens.count(i)
+            for name, i in (
+                ("diffusion", t_.speech_diffusion_id),
+                ("speech_end", t_.speech_end_id),
+                ("speech_start", t_.speech_start_id),
+                ("eos", t_.eos_id),
+            )
+        },
     }
     (out / "reference.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["counts"]), len(tokens), "tokens,", fx["gen_audio"].numel(), "samples")

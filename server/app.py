@@ -6,7 +6,7 @@
     GET /v1/sessions/{id}/audio.opus  a session's audio as an Ogg Opus file
     GET /healthz                      the process is up
     GET /readyz                       the engine is loaded, warm, and not draining
-    GET /metrics                      Prometheus
+    GET /metrics                      Prometheus (see `metrics_allowed` for who may read it)
 
 The engine loads and warms up in the lifespan, before uvicorn opens the port, so no request
 ever waits for a model load.
@@ -18,10 +18,11 @@ import asyncio
 import hmac
 import logging
 import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,7 +33,8 @@ from starlette.websockets import WebSocket
 from ..engine.backend import Backend
 from .archive import Archive
 from .config import ServerConfig
-from .connection import Connection, chosen_subprotocol, client_identity
+from .connection import Connection, chosen_subprotocol
+from .identity import client_identity, is_loopback
 from .metrics import Metrics
 from .sessions import Sessions
 from .store import MemoryStore, SessionStore
@@ -64,7 +66,9 @@ class AppState:
     ready: threading.Event = field(default_factory=threading.Event)
 
 
-def _key_name(config: ServerConfig, headers: dict[str, str], query: dict[str, str]) -> str | None | bool:
+def _key_name(
+    config: ServerConfig, headers: dict[str, str], query: dict[str, str]
+) -> str | None | Literal[False]:
     """None when no keys are configured; the matching key's label; False when refused."""
     if not config.api_keys:
         return None
@@ -78,6 +82,16 @@ def _key_name(config: ServerConfig, headers: dict[str, str], query: dict[str, st
         if hmac.compare_digest(key.encode(), given.encode()):
             return f"#{i + 1}"  # never log the key itself
     return False
+
+
+def metrics_allowed(
+    config: ServerConfig, key_name: str | None | bool, client_host: str | None
+) -> bool:
+    """/metrics needs a key like every route once keys are configured, except from loopback,
+    where a Prometheus agent on the same machine scrapes it; `metrics_public` opens it to all."""
+    if not config.api_keys or config.metrics_public or isinstance(key_name, str):
+        return True
+    return client_host is not None and is_loopback(client_host)
 
 
 def create_app(
@@ -94,7 +108,9 @@ def create_app(
         state.backend = backend
         state.archive = Archive(config.archive_sessions, config.archive_ttl_s)
         catalogue = {v.id: v.description for v in backend.voices()}
-        state.sessions = Sessions(backend, config, state.store, state.archive, state.metrics, catalogue)
+        state.sessions = Sessions(
+            backend, config, state.store, state.archive, state.metrics, catalogue
+        )
         state.metrics.track_active(state.sessions.active_count)
         state.metrics.engine_ready.set(1)
         log.info("engine %s ready (%d voices)", backend.name, len(catalogue))
@@ -111,7 +127,7 @@ def create_app(
             await asyncio.to_thread(lambda: [s.join(10) for s in sessions])
             state.archive.close()
 
-    def authorized(request: Request | WebSocket) -> str | None | bool:
+    def authorized(request: Request | WebSocket) -> str | None | Literal[False]:
         return _key_name(config, dict(request.headers), dict(request.query_params))
 
     def refuse() -> Response:
@@ -161,11 +177,13 @@ def create_app(
         )
 
     async def audio_file(request: Request) -> Response:
-        if authorized(request) is False:
+        key = authorized(request)
+        if key is False:
             return refuse()
         session_id = request.path_params["session_id"]
         assert state.archive is not None
-        if not state.archive.has(session_id):
+        # Someone else's session gets the very answer an unknown one does, so ids cannot be probed.
+        if not state.archive.owned_by(session_id, client_identity(request, key or None)):
             return JSONResponse(
                 {
                     "error": "unknown_session",
@@ -189,6 +207,9 @@ def create_app(
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
+        host = request.client.host if request.client else None
+        if not metrics_allowed(config, authorized(request), host):
+            return refuse()
         if state.sessions is not None:
             state.metrics.detached.set(state.sessions.detached_count())
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,7 +1,8 @@
 """Every Opus packet a session made, spooled to a temporary file, for
 `GET /v1/sessions/{id}/audio.opus`. Memory stays flat however long the session (90 minutes of
 32 kbit/s Opus is about 22 MB on disk). Finished sessions are kept for `ttl_s`, at most
-`max_sessions` of them, oldest dropped first.
+`max_sessions` of them, oldest dropped first. Each entry belongs to the client identity that
+made it (server/identity.py); only that identity may download it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterator
+from typing import IO
 
 from ..protocol.ogg import OggOpusWriter
 
@@ -21,6 +23,7 @@ class _Entry:
     file: IO[bytes]
     pre_skip: int
     rate: int
+    owner: str
     samples: int | None = None  # set when the session finished
     ended_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -33,8 +36,8 @@ class Archive:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
 
-    def begin(self, session_id: str, pre_skip: int, rate: int) -> None:
-        entry = _Entry(tempfile.TemporaryFile(prefix="vibecast-"), pre_skip, rate)
+    def begin(self, session_id: str, pre_skip: int, rate: int, owner: str) -> None:
+        entry = _Entry(tempfile.TemporaryFile(prefix="vibecast-"), pre_skip, rate, owner)
         with self._lock:
             self._entries[session_id] = entry
 
@@ -72,6 +75,12 @@ class Archive:
     def has(self, session_id: str) -> bool:
         self._expire()
         return session_id in self._entries
+
+    def owned_by(self, session_id: str, owner: str) -> bool:
+        """Kept, and made by `owner`."""
+        self._expire()
+        entry = self._entries.get(session_id)
+        return entry is not None and entry.owner == owner
 
     def ogg(self, session_id: str) -> Iterator[bytes]:
         """The session's audio as an Ogg Opus file, page by page (what exists so far)."""

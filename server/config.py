@@ -11,9 +11,10 @@ import dataclasses
 import os
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,12 @@ class ServerConfig:
     archive_sessions: int = 64
     """Finished sessions whose audio stays downloadable (oldest dropped first)."""
     archive_ttl_s: float = 3600.0
+    forwarded_allow_ips: str | None = None
+    """Addresses (comma-separated, or '*') whose X-Forwarded-For/-Proto headers are believed:
+    the reverse proxy in front of the server. None believes nobody, so a client cannot choose
+    the address that its rate limit, downloads and log lines go by."""
+    metrics_public: bool = False
+    """Serve /metrics without an API key to everyone, not only to loopback clients."""
 
     def replace(self, **changes: Any) -> ServerConfig:
         limit_names = {f.name for f in dataclasses.fields(Limits)}
@@ -118,7 +125,9 @@ def load_config(
         flat = {**data.pop("limits", {}), **data}
         for k, v in flat.items():
             if k not in FIELDS:
-                raise ValueError(f"{path}: unknown setting {k!r}; known: {', '.join(sorted(FIELDS))}")
+                raise ValueError(
+                    f"{path}: unknown setting {k!r}; known: {', '.join(sorted(FIELDS))}"
+                )
             changes[k] = _coerce(k, v, str(path))
     env = os.environ if env is None else env
     for k in FIELDS:

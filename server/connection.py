@@ -1,9 +1,15 @@
 """One WebSocket connection at /v1/stream, from handshake to close.
 
 States: AWAITING_START -> (QUEUED) -> STREAMING -> CLOSED. A bad frame before `start` gets an
-error and the connection keeps waiting; a session that ends (done, cancelled, fatal error) is
-followed by the close. A dropped socket detaches the session, which waits `resume_grace_s`
-for a `resume` on another connection before it is stopped and freed.
+error and the connection keeps waiting (at most `idle_timeout_s` from the handshake, however
+many frames arrive); a session that ends (done, cancelled, fatal error) is followed by the close.
+A dropped socket detaches the session, which waits `resume_grace_s` for a `resume` on another
+connection before it is stopped and freed; a resume that takes over a session whose old socket
+still looks open closes that socket with CLOSE_TAKEN_OVER.
+
+`run` is the connection's one error boundary: a refused request is a `ProtocolError` and is
+answered where it happens; any other exception from the connection's tasks ends the session
+with a fatal `internal` error and a log line naming it, so no exception drops a socket silently.
 
 All sends go through one lock: the writer (audio, turn events, terminal messages), the reader
 (appended, non-fatal errors) and the progress ticker share the socket.
@@ -19,7 +25,6 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..engine.backend import BadRequest
 from ..protocol.messages import (
     CLOSE_CODE,
     PROTOCOL,
@@ -40,6 +45,8 @@ from .session import OutFrame, Session, State
 from .sessions import Sessions
 
 log = logging.getLogger("vibecast.connection")
+
+CLOSE_TAKEN_OVER = 4001  # a resume on another connection took this connection's session
 
 
 class Phase(enum.Enum):
@@ -63,6 +70,7 @@ class Connection:
         self.phase = Phase.AWAITING_START
         self._send_lock = asyncio.Lock()
         self._epoch = 0  # which attachment of the session this connection is
+        self.session: Session | None = None
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -97,12 +105,14 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------------------------
 
-    async def _receive(self, timeout: float | None) -> bytes | None:
-        """The next binary frame; None when the socket closed. Bad frames are answered here."""
+    async def _receive(self, deadline: float | None) -> bytes | None:
+        """The next binary frame; None when the socket closed or `deadline` (monotonic) passed.
+        Bad frames are answered here."""
         while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 msg = await asyncio.wait_for(self.ws.receive(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self.send_error(
                     ProtocolError(
                         Code.IDLE_TIMEOUT,
@@ -142,9 +152,10 @@ class Connection:
     # -- the connection's life -------------------------------------------------------------------
 
     async def run(self) -> None:
+        deadline = time.monotonic() + self.limits.idle_timeout_s  # for `start`, from the handshake
         try:
             while self.phase is Phase.AWAITING_START:
-                data = await self._receive(self.limits.idle_timeout_s)
+                data = await self._receive(deadline)
                 if data is None:
                     return
                 try:
@@ -162,18 +173,40 @@ class Connection:
                     await self.send_error(e)
         except _Closed:
             pass
+        except Exception as e:  # noqa: BLE001 - the connection's boundary (see the docstring)
+            await self._crash(e)
         finally:
             self.phase = Phase.CLOSED
 
+    async def _crash(self, e: Exception) -> None:
+        session = self.session
+        name = session.id if session is not None else "(none yet)"
+        log.error("session %s: the connection failed", name, exc_info=e)
+        if session is not None and session.epoch == self._epoch:  # not taken over by a resume
+            self.hub.crashed(session)
+        kind = "out of memory" if isinstance(e, MemoryError) else type(e).__name__
+        error = ProtocolError(
+            Code.INTERNAL,
+            f"the server failed while handling this connection ({kind}); this is a bug in "
+            f"vibecast, logged as session {name}. Other sessions are not affected.",
+            fatal=True,
+        )
+        try:
+            await self.send_error(error)
+        except _Closed:
+            pass
+
     async def _start(self, start: Start) -> None:
         self.hub.check_rate(self.client)
-        spec = self.hub.validate(start, self.client)
+        spec = await self.hub.validate(start, self.client)
         session = self.hub.create(spec)
         await self._attach(session, replay=None)
 
     async def _resume(self, resume: Resume) -> None:
         session = self.hub.get(resume.session_id)
-        if session is None or not self.hub.store.token_matches(resume.session_id, resume.resume_token):
+        if session is None or not self.hub.store.token_matches(
+            resume.session_id, resume.resume_token
+        ):
             raise ProtocolError(
                 Code.UNKNOWN_SESSION,
                 "no session with that session_id and resume_token is waiting here; it ended, "
@@ -192,26 +225,37 @@ class Connection:
         await self._attach(session, replay=[f.data for f in replay])
 
     async def _attach(self, session: Session, replay: list[bytes] | None) -> None:
+        self.session = session
         session.epoch += 1
         self._epoch = session.epoch
-        session.attached = True
+        previous, session.connection = session.connection, self
+        if previous is not None and previous is not self:
+            previous.taken_over()
+        session.set_attached(True)
+        if replay is not None:
+            self.hub.reattached(session)
         self.hub.metrics.detached.set(self.hub.detached_count())
-        reader = asyncio.create_task(self._read_loop(session))
-        main = asyncio.create_task(self._main(session, replay))
-        ticker = asyncio.create_task(self._tick(session))
+        tasks = {
+            asyncio.create_task(self._read_loop(session)),
+            asyncio.create_task(self._main(session, replay)),
+            asyncio.create_task(self._tick(session)),
+        }
         try:
-            done, _ = await asyncio.wait({reader, main}, return_when=asyncio.FIRST_COMPLETED)
-            if main in done:
-                main.result()  # re-raise what ended it
-        except _Closed:
-            pass
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # re-raise what ended it
         finally:
-            for t in (reader, main, ticker):
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(reader, main, ticker, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if session.epoch == self._epoch:
-                session.attached = False
+                session.connection = None
+                session.set_attached(False)
                 self.hub.detached(session)
+
+    def taken_over(self) -> None:
+        """A resume on another connection took this one's session: close this socket."""
+        asyncio.get_running_loop().create_task(self.close(CLOSE_TAKEN_OVER))
 
     async def _main(self, session: Session, replay: list[bytes] | None) -> None:
         if replay is None:
@@ -224,13 +268,15 @@ class Connection:
             if session.state is State.QUEUED:  # admitted
                 try:
                     await session.open()
-                except BadRequest as e:
+                except ProtocolError as e:
                     self.hub.forget(session)
-                    await self.send_error(ProtocolError(Code(e.code), e.message, field=e.field))
+                    self.session = None
+                    await self.send_error(e)
                     self.phase = Phase.AWAITING_START
                     return
                 self.phase = Phase.STREAMING
                 await self.send(session.ready_message(self.model_name))
+                session.announced = True
                 session.start_engine()
         else:
             self.phase = Phase.STREAMING
@@ -268,16 +314,18 @@ class Connection:
                     ttfa = session.counters.first_audio_at - session.counters.started
                     metrics.ttfa.observe(ttfa)
             if frame.marker is not None:
-                self.hub.finished(session, frame.marker, frame.error)
-                code = 1000 if frame.marker != "error" else CLOSE_CODE.get(Code(frame.error.code), 1008)  # type: ignore[union-attr]
+                self.hub.finished(session)
+                code = 1000
+                if frame.error is not None:
+                    code = CLOSE_CODE.get(Code(frame.error.code), 1008)
                 await self.close(code)
                 raise _Closed
 
     async def _read_loop(self, session: Session) -> None:
         while True:
             data = await self._receive(None)
-            if data is None:
-                return
+            if data is None or session.epoch != self._epoch:
+                return  # closed, or a resume on another connection took the session over
             try:
                 msg = parse_client(data, len(session.spec.speakers), session.feed.total)
                 if isinstance(msg, Cancel):
@@ -336,12 +384,6 @@ class Connection:
                     f"{self.limits.idle_timeout_s:.0f} s (limits.idle_timeout_s); send append "
                     "with more: false to finish a script.",
                 )
-
-
-def client_identity(ws: WebSocket, key_name: str | None) -> str:
-    if key_name:
-        return f"key:{key_name}"
-    return f"ip:{ws.client.host if ws.client else 'unknown'}"
 
 
 def chosen_subprotocol(ws: WebSocket) -> str | None:

@@ -3,7 +3,8 @@ thread (tests, `vibecast say --model`, `vibecast bench --model`)."""
 
 from __future__ import annotations
 
-import ipaddress
+import logging
+import re
 import socket
 import threading
 from typing import Any
@@ -14,16 +15,65 @@ from ..engine.backend import Backend
 from ..engine.loader import load_backend
 from .app import create_app
 from .config import ServerConfig
+from .identity import is_loopback
+
+_TOKEN = re.compile(r"(token=)[^&\s]*", re.IGNORECASE)
 
 
-def uvicorn_config(config: ServerConfig, backend: Backend | None = None, **extra: Any) -> uvicorn.Config:
+def redact(text: str) -> str:
+    return _TOKEN.sub(r"\1REDACTED", text)
+
+
+class RedactTokens(logging.Filter):
+    """Browsers can only send the API key as `?token=`, and uvicorn logs request lines with
+    their query string: HTTP on "uvicorn.access", WebSocket handshakes on "uvicorn.error"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        # Rewrite the arguments one by one: uvicorn's AccessFormatter unpacks them by position.
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {
+                k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
+            }
+        return True
+
+
+REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+def install_redaction() -> None:
+    # A logger's own filters see only records made on it, not those propagated from children,
+    # so the filter goes on each logger uvicorn writes request lines to.
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+
+
+def app_state(server: uvicorn.Server) -> Any:
+    """The AppState of the vibecast app a uvicorn server runs (sessions, metrics, readiness)."""
+    app: Any = server.config.app
+    return app.state.vibecast
+
+
+def uvicorn_config(
+    config: ServerConfig, backend: Backend | None = None, **extra: Any
+) -> uvicorn.Config:
     def load() -> Backend:
         if backend is not None:
             return backend
         return load_backend(config.model, config.device, config.dtype, config.voices)
 
     app = create_app(config, load)
-    return uvicorn.Config(
+    # uvicorn trusts X-Forwarded-For from loopback by default, which lets any local client (or
+    # a proxy that passes the header through) pick the address rate limits and logs see.
+    proxy: dict[str, Any] = {"proxy_headers": False}
+    if config.forwarded_allow_ips is not None:
+        proxy = {"proxy_headers": True, "forwarded_allow_ips": config.forwarded_allow_ips}
+    uvicorn_settings = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
@@ -33,17 +83,10 @@ def uvicorn_config(config: ServerConfig, backend: Backend | None = None, **extra
         ws_max_size=2 * config.limits.max_frame_bytes,
         ws_per_message_deflate=False,  # audio does not compress; deflate only costs CPU
         lifespan="on",
-        **extra,
+        **{**proxy, **extra},
     )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    install_redaction()  # after uvicorn.Config, which (re)configures uvicorn's loggers
+    return uvicorn_settings
 
 
 def check_exposure(config: ServerConfig) -> None:
@@ -73,7 +116,9 @@ class ServerThread:
     the backlog; `start` returns once the lifespan has loaded and warmed the engine.
     """
 
-    def __init__(self, config: ServerConfig, backend: Backend | None = None, log_level: str = "warning") -> None:
+    def __init__(
+        self, config: ServerConfig, backend: Backend | None = None, log_level: str = "warning"
+    ) -> None:
         self.sock = bind(config.host, config.port)
         self.config = config.replace(port=self.sock.getsockname()[1])
         self.server = uvicorn.Server(uvicorn_config(self.config, backend, log_level=log_level))
@@ -92,9 +137,9 @@ class ServerThread:
     @property
     def state(self) -> Any:
         """The app's AppState (sessions, metrics, store), for tests that look inside."""
-        return self.server.config.app.state.vibecast
+        return app_state(self.server)
 
-    def start(self, timeout: float = 300.0) -> "ServerThread":
+    def start(self, timeout: float = 300.0) -> ServerThread:
         self.thread.start()
         ready = self.state.ready
         deadline = timeout
@@ -110,7 +155,7 @@ class ServerThread:
         self.thread.join(30)
         self.sock.close()
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

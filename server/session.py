@@ -7,8 +7,9 @@ Threads and tasks:
   connection is attached; sent messages go to the store's ring for resume.
 
 Flow control: the engine thread waits before each audio message while the session holds more
-than `send_buffer_ms` of unsent audio, or is more than `max_lead_ms` ahead of the client's last
-`playback`. A stalled or absent reader therefore pauses generation with bounded memory.
+than `send_buffer_ms` of unsent audio, is more than `max_lead_ms` ahead of the client's last
+`playback`, or has no connection (detached, waiting for `resume`). A stalled or absent reader
+therefore pauses generation with bounded memory and no compute.
 
 Terminal messages (`done`, `cancelled`, fatal `error`) are markers built when they are sent,
 so `cancelled.last_seq` names the last audio frame that really went out and no audio follows.
@@ -23,12 +24,13 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..engine.backend import Backend, BadRequest, SpeakerVoice, SynthesisParams, Turn
+from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
 from ..engine.pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted, run_turns
-from ..protocol.messages import Audio, Cancelled, Code, Done, Error, Message, Ready
+from ..protocol.messages import Audio, Cancelled, Code, Done, Error, Message, ProtocolError, Ready
 from .archive import Archive
 from .output import AudioOutput, OutputFormat
 from .store import RingFrame, SessionStore
@@ -120,10 +122,12 @@ class Session:
         self._stop = threading.Event()
         self._room = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.attached = False
+        self.attached = False  # a connection is writing for it; when not, generation pauses
+        self.connection: Any = None  # the attached connection, closed when a resume takes over
         self.epoch = 0  # bumped by each connection that attaches; older writers stop
+        self.announced = False  # `ready` (with the resume token) went out: resume is possible
         self.delivered = False  # the terminal message reached a socket
-        self.touched = time.monotonic()  # last start or append, for the idle check
+        self.touched = time.monotonic()  # last start or append with turns, for the idle check
         self.chars = sum(len(t.text) for t in spec.turns)
         self.paused = False  # the engine is waiting for the client (flow control)
         store.register(self.id, self.token)
@@ -131,7 +135,7 @@ class Session:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Prepare the engine session (may raise BadRequest); then the session is ready."""
+        """Prepare the engine session (may raise ProtocolError); then the session is ready."""
         self.state = State.OPENING
         self._loop = asyncio.get_running_loop()
         spec = self.spec
@@ -158,8 +162,11 @@ class Session:
 
     def start_engine(self) -> None:
         if self.spec.format.codec == "opus":
-            self.archive.begin(self.id, self.output.pre_skip, self.spec.format.sample_rate)
-        self._thread = threading.Thread(target=self._produce, name=f"session-{self.id}", daemon=True)
+            rate = self.spec.format.sample_rate
+            self.archive.begin(self.id, self.output.pre_skip, rate, owner=self.spec.client)
+        self._thread = threading.Thread(
+            target=self._produce, name=f"session-{self.id}", daemon=True
+        )
         self._thread.start()
 
     def join(self, timeout: float) -> bool:
@@ -214,9 +221,16 @@ class Session:
 
     # -- what the connection calls -------------------------------------------------------------
 
+    def set_attached(self, attached: bool) -> None:
+        """A connection took the session, or let it go (generation pauses until one takes it)."""
+        self.attached = attached
+        with self._room:
+            self._room.notify_all()
+
     def append(self, turns: list[Turn], more: bool) -> int:
         self.chars += sum(len(t.text) for t in turns)
-        self.touched = time.monotonic()
+        if turns:  # an empty append is not activity: it must not keep an open script alive
+            self.touched = time.monotonic()
         return self.feed.add(turns, more)
 
     def playback(self, played_ms: int) -> None:
@@ -267,7 +281,9 @@ class Session:
             )
             c.next_index += 1
             keep_ms = self.limits.max_lead_ms + self.send_buffer_ms
-            self.store.ring_trim(self.id, frame.end_pts - keep_ms * self.spec.format.sample_rate // 1000)
+            self.store.ring_trim(
+                self.id, frame.end_pts - keep_ms * self.spec.format.sample_rate // 1000
+            )
         with self._room:
             self._room.notify_all()
 
@@ -311,11 +327,16 @@ class Session:
     def _room_for_more(self) -> bool:
         if self._stop.is_set():
             return True
+        if not self.attached:
+            return False
         c = self.counters
         rate = self.spec.format.sample_rate
         if (c.generated - c.sent) * 1000 // rate > self.send_buffer_ms:
             return False
-        if c.played_ms is not None and c.generated * 1000 // rate - c.played_ms > self.limits.max_lead_ms:
+        if (
+            c.played_ms is not None
+            and c.generated * 1000 // rate - c.played_ms > self.limits.max_lead_ms
+        ):
             return False
         return True
 
@@ -346,11 +367,13 @@ class Session:
                     self.counters.turns_done += 1
                     last_turn, closed_as_last = event.turn, last
                 if out.pts > max_samples:
-                    raise BadRequest(
+                    raise ProtocolError(
                         Code.TOO_LONG,
-                        "turns",
                         f"the audio passed limits.max_audio_s ({self.limits.max_audio_s:.0f} s) "
-                        f"at turn {last_turn + 1}; split the script into several sessions",
+                        f"at turn {last_turn + 1}; split the script into several sessions.",
+                        field="turns",
+                        turn=last_turn + 1,
+                        fatal=True,
                     )
                 with self._room:  # pause here while the client is far enough behind
                     if not self._room_for_more():
@@ -366,10 +389,10 @@ class Session:
                     self._send_audio(tail)
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._complete)
-        except BadRequest as e:
+        except ProtocolError as e:
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self.fail, Code(e.code), e.message)
-        except BaseException as e:  # noqa: BLE001 - one session's failure must not leak out
+            self._loop.call_soon_threadsafe(self.fail, e.code, e.message)
+        except BaseException as e:  # noqa: BLE001 - the engine worker's boundary: anything else
             log.exception("session %s failed in the engine", self.id)
             kind = "out of memory" if "out of memory" in str(e).lower() else type(e).__name__
             if self._loop is not None and not self._loop.is_closed():

@@ -1,17 +1,26 @@
 """All sessions of this server: policy checks on `start`, admission (capacity and a FIFO queue
-with positions), rate limits, and lookup for resume and downloads."""
+with positions), rate limits, and lookup for resume and downloads.
+
+Capacity counts the sessions that are generating for a connected client (`running`). A session
+whose socket dropped keeps its place for `resume_grace_s` but not its slot: its generation
+pauses and the slot goes to the next in line; a `resume` takes a slot back at once, ahead of the
+queue, since its listener is mid-playback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import threading
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
+from ..engine.voice_audio import decode_voice_audio
 from ..protocol.messages import Code, ProtocolError, Start, TurnSpec
 from .archive import Archive
 from .config import ServerConfig
@@ -19,7 +28,6 @@ from .metrics import Metrics
 from .output import OutputFormat
 from .session import ENDED, Session, SessionSpec, State
 from .store import SessionStore
-from .voice_audio import VoiceAudioError, decode_voice_audio
 
 log = logging.getLogger("vibecast.sessions")
 
@@ -47,6 +55,9 @@ class Sessions:
         self._starts: dict[str, deque[float]] = {}
         self._recent_walls: deque[float] = deque(maxlen=20)
         self.changed = threading.Condition()  # notified whenever a session comes or goes
+        # Decoding uploads is CPU work that must not run on the event loop; two workers bound
+        # how much of the machine a burst of uploads can take from the sessions that play.
+        self._prepare = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block (off the event loop) until `predicate()` holds; False on timeout."""
@@ -85,7 +96,8 @@ class Sessions:
             if chars * rate > lim.max_audio_s:
                 raise ProtocolError(
                     Code.TOO_LONG,
-                    f"turns[{i}] takes the script to about {chars * rate / 60:.0f} minutes of audio; "
+                    f"turns[{i}] takes the script to about {chars * rate / 60:.0f} minutes of "
+                    "audio; "
                     f"this server allows {lim.max_audio_s / 60:.0f} (limits.max_audio_s). Split it "
                     "into several sessions.",
                     field=f"turns[{i}].text",
@@ -93,7 +105,8 @@ class Sessions:
                 )
         return [Turn(before + i, t.speaker, t.text.strip()) for i, t in enumerate(turns)]
 
-    def validate(self, start: Start, client: str) -> SessionSpec:
+    async def validate(self, start: Start, client: str) -> SessionSpec:
+        """Check a `start` against this server's limits and voices; decode uploaded voices."""
         lim = self.limits
         if len(start.speakers) > lim.max_speakers:
             raise ProtocolError(
@@ -104,28 +117,29 @@ class Sessions:
             )
         turns = self.check_turns(start.turns, 0, 0)
         speakers = []
+        loop = asyncio.get_running_loop()
         for i, s in enumerate(start.speakers):
             name = s.name or f"Speaker {i + 1}"
             if s.voice is not None:
                 if s.voice not in self.catalogue:
+                    known = ", ".join(self.catalogue) or "(none: upload voice_audio)"
                     raise ProtocolError(
                         Code.UNKNOWN_VOICE,
                         f"speakers[{i}].voice is {s.voice!r}, which this server does not have; "
-                        f"choose one of: {', '.join(self.catalogue)} (GET /v1/voices).",
+                        f"choose one of: {known}"
+                        " (GET /v1/voices).",
                         field=f"speakers[{i}].voice",
                     )
                 speakers.append(SpeakerVoice(name, voice_id=s.voice))
                 continue
             assert s.voice_audio is not None
-            try:
-                audio, rate = decode_voice_audio(s.voice_audio, s.voice_format)
-            except VoiceAudioError as e:
-                raise ProtocolError(
-                    Code.BAD_VOICE_AUDIO,
-                    f"speakers[{i}].voice_audio cannot be used: {e}. Send a WAV or Ogg Opus "
-                    "file of clear speech.",
-                    field=f"speakers[{i}].voice_audio",
-                ) from None
+            audio, rate = await loop.run_in_executor(
+                self._prepare,
+                decode_voice_audio,
+                s.voice_audio,
+                s.voice_format,
+                f"speakers[{i}].voice_audio",
+            )
             speakers.append(SpeakerVoice(name, audio=audio, audio_rate=rate))
 
         f = start.format
@@ -144,10 +158,7 @@ class Sessions:
             cfg_scale=o.cfg_scale if o else None,
             steps=o.steps if o else None,
         )
-        try:
-            self.backend.check_params(params)
-        except ValueError as e:
-            raise _bad_request(e) from None
+        self.backend.check_params(params)
         return SessionSpec(speakers, turns, start.more, fmt, params, start.request_id, client)
 
     def check_rate(self, client: str) -> None:
@@ -192,7 +203,10 @@ class Sessions:
         self, session: Session, on_position: Callable[[int, float | None], Awaitable[None]]
     ) -> None:
         """Wait for an engine slot, first come first served, reporting the queue position."""
-        if len(self.store.queue()) >= self.config.max_queue and len(self.running) >= self.config.max_sessions:
+        if (
+            len(self.store.queue()) >= self.config.max_queue
+            and len(self.running) >= self.config.max_sessions
+        ):
             self.forget(session)
             raise ProtocolError(
                 Code.BUSY,
@@ -239,29 +253,50 @@ class Sessions:
         self._changed()
         asyncio.get_running_loop().create_task(self._notify())
 
-    def finished(self, session: Session, marker: str | None, error: object) -> None:
+    def finished(self, session: Session) -> None:
         """The session's terminal message went out: account for it and free everything."""
         session.delivered = True
         self._account(session)
         self.forget(session)
 
     def detached(self, session: Session) -> None:
-        """A connection let go of the session (closed, dropped, or taken over)."""
+        """The connection that had the session let go of it (closed or dropped)."""
         self._changed()
         if session.delivered or session.id not in self.sessions:
             return
-        if session.state is State.QUEUED or self.config.resume_grace_s <= 0:
+        if not session.announced or self.config.resume_grace_s <= 0:
+            # Its resume token never reached a client (queued, opening, or open failed), so
+            # nobody can come back for it: free it now rather than after the grace period.
             self._abandon(session)
             return
+        # Paused (Session.attached is False) and out of the count that admits new sessions.
+        if session.id in self.running:
+            self.running.discard(session.id)
+            asyncio.get_running_loop().create_task(self._notify())
         self.metrics.detached.set(self.detached_count())
         epoch = session.epoch
         asyncio.get_running_loop().call_later(
             self.config.resume_grace_s, self._expire, session, epoch
         )
 
+    def reattached(self, session: Session) -> None:
+        """A `resume` took the session: it generates again at once, ahead of the queue."""
+        if session.state not in ENDED:
+            self.running.add(session.id)
+        self.metrics.detached.set(self.detached_count())
+
     def _expire(self, session: Session, epoch: int) -> None:
-        if session.epoch == epoch and not session.attached and not session.delivered:
+        if session.id in self.sessions and session.epoch == epoch and not session.attached:
             self._abandon(session)
+
+    def crashed(self, session: Session) -> None:
+        """The connection's boundary caught a bug: end the session as `internal` and free it."""
+        if session.id not in self.sessions:
+            return
+        session.fail(Code.INTERNAL, "the connection failed")
+        session.delivered = True  # the connection sends the error itself
+        self._account(session)
+        self.forget(session)
 
     def _abandon(self, session: Session) -> None:
         session.abandon()
@@ -278,12 +313,13 @@ class Sessions:
             self.metrics.rtf.observe(stats["rtf"])
         rate = session.spec.format.sample_rate
         log.info(
+            # request_id comes from the client: quoted and escaped, so it cannot break the line.
             "session_end id=%s outcome=%s client=%s request_id=%s turns=%d/%d samples=%d "
             "audio_s=%.3f sent_s=%.3f ttfa_ms=%s rtf=%s wall_ms=%s queued_ms=%s",
             session.id,
             outcome.replace(" ", "_"),
             session.spec.client,
-            session.spec.request_id,
+            json.dumps(session.spec.request_id),
             session.counters.turns_done,
             session.feed.total,
             session.output.pts,
@@ -307,12 +343,11 @@ class Sessions:
         return self.sessions.get(session_id)
 
     def active_count(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.state not in ENDED and s.state is not State.QUEUED)
+        return sum(
+            1
+            for s in self.sessions.values()
+            if s.state not in ENDED and s.state is not State.QUEUED
+        )
 
     def detached_count(self) -> int:
         return sum(1 for s in self.sessions.values() if not s.attached)
-
-
-def _bad_request(e: ValueError) -> ProtocolError:
-    code = getattr(e, "code", Code.BAD_FIELD)
-    return ProtocolError(Code(code), getattr(e, "message", str(e)), field=getattr(e, "field", None))

@@ -70,7 +70,9 @@ class MemoryStore:
     def token_matches(self, session_id: str, resume_token: str) -> bool:
         with self._lock:
             known = self._tokens.get(session_id)
-        return known is not None and hmac.compare_digest(known, resume_token)
+        # As bytes: compare_digest refuses str with non-ASCII characters (a client's typo must
+        # get `unknown_session`, not a traceback).
+        return known is not None and hmac.compare_digest(known.encode(), resume_token.encode())
 
     def forget(self, session_id: str) -> None:
         with self._lock:

@@ -8,12 +8,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from websockets.asyncio.client import ClientConnection
+from websockets.typing import Subprotocol
 
 from vibecast.bench import DIALOGUE  # 4 speakers, 8 turns
-from vibecast.protocol import Audio, Client, Done, Error, Progress, Ready
+from vibecast.protocol import PROTOCOL, Audio, Client, Done, Error, Progress, Ready, parse_server
 from vibecast.protocol.opus import OpusDecoder
 
 VOICES = ["joe", "joe-high", "joe-deep", "joe-bright"]
+SUBPROTOCOLS = [Subprotocol(PROTOCOL)]
+
+
+async def recv_message(ws: ClientConnection) -> Any:
+    """The next server message on a raw websockets connection."""
+    data = await ws.recv()
+    assert isinstance(data, bytes), "vibecast.v1 sends binary frames only"
+    return parse_server(data)
 
 
 def turns_of(dialogue: list[tuple[int, str]] = DIALOGUE) -> list[dict[str, Any]]:
@@ -44,8 +54,12 @@ class SessionResult:
         return [m.type for m in self.messages if not isinstance(m, Progress)]
 
 
-async def run_session(url: str, speakers: list[dict[str, Any]] | None = None,
-                      turns: list[dict[str, Any]] | None = None, **start: Any) -> SessionResult:
+async def run_session(
+    url: str,
+    speakers: list[dict[str, Any]] | None = None,
+    turns: list[dict[str, Any]] | None = None,
+    **start: Any,
+) -> SessionResult:
     async with await Client.connect(url) as client:
         ready = await client.start(speakers or speakers_of(), turns or turns_of(), **start)
         result = SessionResult(ready)

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import urllib.error
+from typing import Any
 
 import pytest
 from conftest import running_server
@@ -51,15 +52,16 @@ def test_http_endpoints_need_the_key_too(guarded) -> None:
     assert e.value.code == 401
     assert "voices" in get_text(guarded.http_url + "/v1/voices", {"Authorization": f"Bearer {KEY}"})
     assert "voices" in get_text(guarded.http_url + f"/v1/voices?token={KEY}")
-    # Probes and metrics stay open for the infrastructure.
+    # Probes stay open for the infrastructure; metrics too, from loopback.
     assert get_text(guarded.http_url + "/healthz")
     assert get_text(guarded.http_url + "/metrics")
 
 
 def test_session_starts_are_rate_limited_per_key(piper) -> None:
     with running_server(piper, api_keys=(KEY, "other-key"), starts_per_minute=2) as server:
-        async def go():
-            results = []
+
+        async def go() -> list[Any]:
+            results: list[Any] = []
             for _ in range(3):
                 try:
                     results.append(await short_session(server.ws_url, KEY))
@@ -84,7 +86,16 @@ def test_without_keys_the_server_stays_on_loopback() -> None:
 
 def test_serve_refuses_a_public_address_without_keys() -> None:
     r = subprocess.run(
-        [sys.executable, "-c", "from vibecast.cli import main; main()", "serve", "--host", "0.0.0.0"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "from vibecast.cli import main; main()",
+            "serve",
+            "--host",
+            "0.0.0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode != 0 and "--api-key" in r.stderr

@@ -8,10 +8,11 @@ from typing import Any
 
 import msgpack
 import pytest
-from helpers import get_json, run_session, speakers_of, turns_of
+from helpers import SUBPROTOCOLS, get_json, recv_message, run_session, speakers_of, turns_of
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from vibecast.protocol import PROTOCOL, Error, parse_server
+from vibecast.protocol import Error
 
 
 def start(**over: Any) -> bytes:
@@ -22,41 +23,63 @@ def start(**over: Any) -> bytes:
 
 async def exchange(url: str, *frames: bytes | str, replies: int = 1) -> tuple[list[Any], Any]:
     """Send frames, collect `replies` messages (or until close); return them and the close."""
-    async with connect(url, subprotocols=[PROTOCOL], max_size=None) as ws:
+    async with connect(url, subprotocols=SUBPROTOCOLS, max_size=None) as ws:
         for f in frames:
             await ws.send(f)
         got: list[Any] = []
-        try:
-            while len(got) < replies:
-                got.append(parse_server(await asyncio.wait_for(ws.recv(), 30)))
-        except Exception:
-            pass
+        while len(got) < replies:
+            try:
+                got.append(await asyncio.wait_for(recv_message(ws), 30))
+            except ConnectionClosed:
+                break  # the server closed after a fatal error or the end of the session
         if got and isinstance(got[-1], Error) and got[-1].fatal:
             await asyncio.wait_for(ws.wait_closed(), 10)  # the server closes after a fatal error
         return got, ws.close_code
 
 
-CASES = [
+CASES: list[tuple[str, list[bytes | str], str, str | None, bool]] = [
     # (name, frames, expected code, field, fatal)
     ("text frame", ["hello"], "bad_message", None, False),
     ("not msgpack", [b"\xc1\xc1\xc1"], "bad_message", None, False),
     ("msgpack but not a map", [msgpack.packb([1, 2, 3])], "bad_message", None, False),
     ("unknown type", [msgpack.packb({"type": "sing"})], "bad_message", "type", False),
     ("5 speakers", [start(speakers=speakers_of(5))], "too_many_speakers", "speakers", False),
-    ("speaker out of range", [start(turns=[{"speaker": 2, "text": "Hi."}])], "bad_field",
-     "turns[0].speaker", False),
-    ("empty turn", [start(turns=[{"speaker": 0, "text": "Hi."}, {"speaker": 1, "text": "  "}])],
-     "bad_field", "turns[1].text", False),
-    ("unknown voice", [start(speakers=[{"voice": "nobody"}], turns=[{"speaker": 0, "text": "Hi."}])],
-     "unknown_voice", "speakers[0].voice", False),
-    ("append before start", [msgpack.packb({"type": "append", "turns": []})], "not_started",
-     None, False),
+    (
+        "speaker out of range",
+        [start(turns=[{"speaker": 2, "text": "Hi."}])],
+        "bad_field",
+        "turns[0].speaker",
+        False,
+    ),
+    (
+        "empty turn",
+        [start(turns=[{"speaker": 0, "text": "Hi."}, {"speaker": 1, "text": "  "}])],
+        "bad_field",
+        "turns[1].text",
+        False,
+    ),
+    (
+        "unknown voice",
+        [start(speakers=[{"voice": "nobody"}], turns=[{"speaker": 0, "text": "Hi."}])],
+        "unknown_voice",
+        "speakers[0].voice",
+        False,
+    ),
+    (
+        "append before start",
+        [msgpack.packb({"type": "append", "turns": []})],
+        "not_started",
+        None,
+        False,
+    ),
     ("wrong field type", [start(more="yes")], "bad_field", "more", False),
     ("bad codec", [start(format={"codec": "mp3"})], "bad_field", "format.codec", False),
 ]
 
 
-@pytest.mark.parametrize(("name", "frames", "code", "field", "fatal"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "frames", "code", "field", "fatal"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_frame_gets_its_error(server, name, frames, code, field, fatal) -> None:
     got, _ = asyncio.run(exchange(server.ws_url, *frames))
     assert got and isinstance(got[0], Error), got
@@ -68,12 +91,16 @@ def test_bad_frame_gets_its_error(server, name, frames, code, field, fatal) -> N
 
 
 def test_turn_errors_name_the_turn(server) -> None:
-    got, _ = asyncio.run(exchange(server.ws_url, start(turns=[{"speaker": 0, "text": "a"}, {"speaker": 9, "text": "b"}])))
+    got, _ = asyncio.run(
+        exchange(
+            server.ws_url, start(turns=[{"speaker": 0, "text": "a"}, {"speaker": 9, "text": "b"}])
+        )
+    )
     assert got[0].turn == 1
 
 
 def test_connection_survives_non_fatal_errors_and_then_starts(server) -> None:
-    frames = [b"\x00\x01", "text", start()]
+    frames: list[bytes | str] = [b"\x00\x01", "text", start()]
     got, close = asyncio.run(exchange(server.ws_url, *frames, replies=100))
     kinds = [m.type for m in got]
     assert kinds[:3] == ["error", "error", "ready"]
@@ -97,20 +124,25 @@ def test_frame_over_the_limit_is_refused_and_closed(server) -> None:
 
 def test_ten_megabyte_voice_upload_is_refused(server) -> None:
     blob = b"RIFF" + b"\x00" * (10 * 1024 * 1024)
-    frame = start(speakers=[{"voice_audio": blob, "voice_format": "wav"}],
-                  turns=[{"speaker": 0, "text": "Hi."}])
+    frame = start(
+        speakers=[{"voice_audio": blob, "voice_format": "wav"}],
+        turns=[{"speaker": 0, "text": "Hi."}],
+    )
     got, close = asyncio.run(exchange(server.ws_url, frame))
     assert got[0].code == "too_big" and close == 1009
 
 
 def test_bad_voice_audio(server) -> None:
-    frame = start(speakers=[{"voice_audio": b"RIFF....WAVEjunk"}], turns=[{"speaker": 0, "text": "Hi."}])
+    frame = start(
+        speakers=[{"voice_audio": b"RIFF....WAVEjunk"}], turns=[{"speaker": 0, "text": "Hi."}]
+    )
     got, _ = asyncio.run(exchange(server.ws_url, frame))
     assert got[0].code == "bad_voice_audio" and got[0].field == "speakers[0].voice_audio"
 
 
 def test_server_is_still_up_and_serves_a_new_session(server) -> None:
-    # Run after the cases above (pytest keeps file order).
+    for case in CASES:  # every bad frame above, then a good session
+        asyncio.run(exchange(server.ws_url, *case[1]))
     assert get_json(server.http_url + "/healthz") == {"ok": True}
     result = asyncio.run(run_session(server.ws_url, speakers_of(2), turns_of()[:2]))
     assert result.kinds()[-1] == "done" and result.close_code == 1000

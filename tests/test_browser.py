@@ -5,8 +5,9 @@ AudioDecoder, once with it removed so the WASM libopus fallback plays."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from conftest import running_server
@@ -14,7 +15,10 @@ from conftest import running_server
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (scripts/setup.sh --test)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None,
+        reason="Debian chromium is not installed (scripts/setup.sh --test)",
+    ),
 ]
 
 CHROMIUM_FLAGS = [
@@ -47,7 +51,9 @@ def live(piper) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with playwright.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS)
+        b = p.chromium.launch(
+            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_FLAGS
+        )
         yield b
         b.close()
 
@@ -104,7 +110,11 @@ def test_stop_silences_at_once(browser, live, fallback: bool) -> None:
     page.click('[data-testid="play"]')
     page.wait_for_function("window.vibecast.stats.played_samples > 48000", timeout=60000)
     page.click('[data-testid="stop"]')
-    page.wait_for_function("window.vibecast.stats.state === 'stopped' && window.vibecast.stats.stop_silence_ms !== null", timeout=10000)
+    page.wait_for_function(
+        "window.vibecast.stats.state === 'stopped'"
+        " && window.vibecast.stats.stop_silence_ms !== null",
+        timeout=10000,
+    )
     s = stats(page)
     assert s["stop_silence_ms"] < 200
     # The server closes the socket after `cancelled`: once closed, nothing more can arrive.
@@ -119,7 +129,10 @@ def test_stop_silences_at_once(browser, live, fallback: bool) -> None:
 
 def test_over_limit_script_shows_the_error(browser, live) -> None:
     page, _ = open_page(browser, live, fallback=False)
-    lines = [f"Speaker {1 + i % 3}: " + "This sentence is long enough to fill the script. " * 3 for i in range(20)]
+    lines = [
+        f"Speaker {1 + i % 3}: " + "This sentence is long enough to fill the script. " * 3
+        for i in range(20)
+    ]
     page.fill('[data-testid="script"]', "\n".join(lines))
     page.click('[data-testid="play"]')
     page.wait_for_function("window.vibecast.stats.error !== null", timeout=30000)
@@ -128,7 +141,9 @@ def test_over_limit_script_shows_the_error(browser, live) -> None:
     text = error.inner_text()
     assert "max_chars" in text and str(MAX_CHARS) in text
     bad = stats(page)["error"]["turn"]
-    assert bad is not None and "bad" in page.locator(f'[data-testid="turn-{bad}"]').get_attribute("class")
+    assert bad is not None and "bad" in page.locator(f'[data-testid="turn-{bad}"]').get_attribute(
+        "class"
+    )
     assert page.locator('[data-testid="play"]').is_enabled()  # a corrected script can be played
     page.close()
 
@@ -141,11 +156,17 @@ def test_a_speaker_can_use_an_uploaded_voice(browser, live, tmp_path: Path) -> N
     t = np.arange(3 * 24000) / 24000
     phase = 2 * np.pi * np.cumsum(180 * (1 + 0.05 * np.sin(2 * np.pi * 4 * t))) / 24000
     sample = tmp_path / "my-voice.wav"  # a voiced, speech-like tone at about 180 Hz
-    sample.write_bytes(wav_bytes(0.3 * sum(np.sin(k * phase) / k for k in range(1, 8)), 24000))
+    harmonics = sum((np.sin(k * phase) / k for k in range(1, 8)), start=np.zeros_like(phase))
+    sample.write_bytes(wav_bytes(0.3 * harmonics, 24000))
     page, errors = open_page(browser, live, fallback=False)
-    page.fill('[data-testid="script"]', "Speaker 1: This is my own voice.\nSpeaker 2: And this is Joe.")
+    page.fill(
+        '[data-testid="script"]', "Speaker 1: This is my own voice.\nSpeaker 2: And this is Joe."
+    )
     page.locator("#speakers input[type=file]").first.set_input_files(str(sample))
-    page.wait_for_function("document.querySelector('#speakers select').selectedOptions[0].text.includes('my-voice.wav')")
+    page.wait_for_function(
+        "document.querySelector('#speakers select').selectedOptions[0]"
+        ".text.includes('my-voice.wav')"
+    )
     page.click('[data-testid="play"]')
     page.wait_for_function("window.vibecast.stats.state === 'done'", timeout=60000)
     s = stats(page)

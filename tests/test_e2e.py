@@ -33,7 +33,9 @@ def vibevoice_dialogue(tmp_path_factory):
     voices = tmp_path_factory.mktemp("voices")
     for i, name in enumerate(["ann", "ben"]):
         (voices / f"{name}.wav").write_bytes(wav_bytes(fx[f"voice_{i}"].numpy(), 24000))
-    config = ServerConfig(port=0, model=str(TINY), voices=str(voices), device="cpu", dtype="float32")
+    config = ServerConfig(
+        port=0, model=str(TINY), voices=str(voices), device="cpu", dtype="float32"
+    )
     with ServerThread(config) as server:
         speakers = [{"voice": ["ann", "ben"][i % 2]} for i in range(4)]
         return asyncio.run(run_session(server.ws_url, speakers, options={"seed": 2, "steps": 3}))
@@ -108,7 +110,7 @@ def test_every_turn_has_speech_of_plausible_length(piper_dialogue) -> None:
 
 
 def test_four_speakers_differ_in_pitch(piper_dialogue) -> None:
-    per_speaker = {}
+    per_speaker: dict[int, list[np.ndarray]] = {}
     for (speaker, _), audio in zip(DIALOGUE, _turn_audio(piper_dialogue), strict=True):
         per_speaker.setdefault(speaker, []).append(audio)
     medians = {s: median_f0(np.concatenate(a), 48000) for s, a in per_speaker.items()}

@@ -9,9 +9,26 @@ import pytest
 from conftest import running_server
 from helpers import speakers_of
 
-from vibecast.protocol import Audio, Client, Closed, Error, Queued, Ready, ServerError, SpeakerSpec, Start, TurnSpec
+from vibecast.protocol import (
+    Audio,
+    Client,
+    Closed,
+    Error,
+    Queued,
+    Ready,
+    ServerError,
+    SpeakerSpec,
+    Start,
+    TurnSpec,
+)
 
-LONG = [{"speaker": i % 2, "text": "A line long enough to make a few seconds of speech, and then a few more."} for i in range(40)]
+LONG = [
+    {
+        "speaker": i % 2,
+        "text": "A line long enough to make a few seconds of speech, and then a few more.",
+    }
+    for i in range(40)
+]
 LEAD_MS = 3000
 
 
@@ -23,7 +40,9 @@ def test_a_client_that_stops_reading_pauses_its_session(piper) -> None:
             c = await Client.connect(server.ws_url)
             await c.start(speakers_of(2), LONG)  # about three minutes of speech
             await c.playback(0)  # "I have played nothing", then never reads again
-            assert await asyncio.to_thread(hub.wait_for, lambda: any(s.paused for s in hub.sessions.values()), 60)
+            assert await asyncio.to_thread(
+                hub.wait_for, lambda: any(s.paused for s in hub.sessions.values()), 60
+            )
             session = next(iter(hub.sessions.values()))
             held = session.generated_ms
             # Paused once LEAD_MS ahead of what was played: what it holds is bounded by the lead,
@@ -33,7 +52,9 @@ def test_a_client_that_stops_reading_pauses_its_session(piper) -> None:
             assert session.output.pts * 1000 // 48000 == held
 
             await c.playback(held)  # reporting progress lets it go on, up to the next lead
-            assert await asyncio.to_thread(hub.wait_for, lambda: session.generated_ms > held and session.paused, 60)
+            assert await asyncio.to_thread(
+                hub.wait_for, lambda: session.generated_ms > held and session.paused, 60
+            )
             assert held + LEAD_MS <= session.generated_ms <= held + LEAD_MS + chunk_ms
             await c.cancel()
             await c.close()
@@ -67,7 +88,9 @@ def test_queue_positions_then_busy(piper) -> None:
             positions: list[int] = []
             waiting = await Client.connect(server.ws_url)
             started = asyncio.create_task(
-                waiting.start(speakers_of(2), LONG[:1], on_queued=lambda q: positions.append(q.position))
+                waiting.start(
+                    speakers_of(2), LONG[:1], on_queued=lambda q: positions.append(q.position)
+                )
             )
             await asyncio.to_thread(hub.wait_for, lambda: len(server.state.store.queue()) == 1, 10)
             # The queue (length 1) is full: the next one is refused, not left hanging.
@@ -94,6 +117,7 @@ def test_queue_positions_then_busy(piper) -> None:
 
 def test_queued_session_can_be_cancelled(piper) -> None:
     with running_server(piper, max_sessions=1, max_lead_ms=LEAD_MS) as server:
+
         async def go():
             holder = await Client.connect(server.ws_url)
             await holder.start(speakers_of(2), LONG)

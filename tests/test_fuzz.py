@@ -15,6 +15,7 @@ from helpers import get_json, run_session, speakers_of, turns_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from vibecast.protocol import PROTOCOL, Code, Error, Queued, Ready, parse_server
 
@@ -24,12 +25,18 @@ MAX_FRAME = 64 * 1024
 DOCUMENTED = {c.value for c in Code}
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=40), st.binary(max_size=40),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=40),
+    st.binary(max_size=40),
 )
 values = st.recursive(
     scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=8), inner, max_size=6)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6), st.dictionaries(st.text(max_size=8), inner, max_size=6)
+    ),
     max_leaves=30,
 )
 
@@ -44,14 +51,24 @@ huge = st.one_of(
     st.tuples(st.integers(), st.integers(40_000, 100_000)).map(lambda t: _blob(*t)),
     st.integers(2000, 4000).map(lambda n: list(range(-n, n, 2))),
 )
-deep = st.integers(min_value=50, max_value=3000).map(lambda n: {"type": "start", "speakers": [[[[{}]]]] * 1, "nest": _nest(n)})
+deep = st.integers(min_value=50, max_value=3000).map(
+    lambda n: {"type": "start", "speakers": [[[[{}]]]] * 1, "nest": _nest(n)}
+)
 voices = st.sampled_from(["joe", "joe-high", "nobody", "", "JOE"])
 turn = st.fixed_dictionaries(
-    {"speaker": st.one_of(st.integers(-2, 6), values), "text": st.one_of(st.text(max_size=60), values)}
+    {
+        "speaker": st.one_of(st.integers(-2, 6), values),
+        "text": st.one_of(st.text(max_size=60), values),
+    }
 )
 speaker = st.one_of(
-    st.fixed_dictionaries({"voice": voices}, optional={"name": st.one_of(st.text(max_size=120), values)}),
-    st.fixed_dictionaries({"voice_audio": st.binary(max_size=200)}, optional={"voice_format": st.sampled_from(["wav", "ogg", "mp3"])}),
+    st.fixed_dictionaries(
+        {"voice": voices}, optional={"name": st.one_of(st.text(max_size=120), values)}
+    ),
+    st.fixed_dictionaries(
+        {"voice_audio": st.binary(max_size=200)},
+        optional={"voice_format": st.sampled_from(["wav", "ogg", "mp3"])},
+    ),
     values,
 )
 
@@ -68,33 +85,68 @@ def _nest(depth: int) -> list:
 
 def _message(kind: str) -> st.SearchStrategy[dict]:
     fields = {
-        "start": {"speakers": st.one_of(st.lists(speaker, max_size=6), values), "turns": st.one_of(st.lists(turn, max_size=5), values),
-                  "more": st.one_of(st.booleans(), values),
-                  "format": st.one_of(st.fixed_dictionaries({"codec": st.sampled_from(["opus", "pcm_s16le", "mp3"]),
-                                                             "sample_rate": st.sampled_from([8000, 44100, 48000, -1])}), values),
-                  "options": st.one_of(st.fixed_dictionaries({"seed": values, "steps": values, "cfg_scale": values, "mode": values}), values)},
+        "start": {
+            "speakers": st.one_of(st.lists(speaker, max_size=6), values),
+            "turns": st.one_of(st.lists(turn, max_size=5), values),
+            "more": st.one_of(st.booleans(), values),
+            "format": st.one_of(
+                st.fixed_dictionaries(
+                    {
+                        "codec": st.sampled_from(["opus", "pcm_s16le", "mp3"]),
+                        "sample_rate": st.sampled_from([8000, 44100, 48000, -1]),
+                    }
+                ),
+                values,
+            ),
+            "options": st.one_of(
+                st.fixed_dictionaries(
+                    {"seed": values, "steps": values, "cfg_scale": values, "mode": values}
+                ),
+                values,
+            ),
+        },
         "append": {"turns": st.one_of(st.lists(turn, max_size=3), values), "more": values},
         "playback": {"played_ms": st.one_of(st.integers(), values)},
         "cancel": {},
-        "resume": {"session_id": st.one_of(st.text(max_size=20), values), "resume_token": values, "last_seq": values},
+        "resume": {
+            "session_id": st.one_of(st.text(max_size=20), values),
+            "resume_token": values,
+            "last_seq": values,
+        },
     }[kind]
-    return st.fixed_dictionaries({"type": st.just(kind)}, optional={**fields, "junk": values, "x" * 50: huge})
+    return st.fixed_dictionaries(
+        {"type": st.just(kind)}, optional={**fields, "junk": values, "x" * 50: huge}
+    )
 
 
 # Well-formed messages with unknown fields: a start must be accepted, a resume refused cleanly.
 valid = st.one_of(
-    st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in _KNOWN), values, max_size=3).map(
-        lambda extra: {**extra, "type": "start", "speakers": [{"voice": "joe", "accent": "none"}],
-                       "turns": [{"speaker": 0, "text": "Hi.", "mood": 1}]}
+    st.dictionaries(
+        st.text(min_size=1, max_size=8).filter(lambda k: k not in _KNOWN), values, max_size=3
+    ).map(
+        lambda extra: {
+            **extra,
+            "type": "start",
+            "speakers": [{"voice": "joe", "accent": "none"}],
+            "turns": [{"speaker": 0, "text": "Hi.", "mood": 1}],
+        }
     ),
-    st.fixed_dictionaries({"type": st.just("resume"), "session_id": st.text(max_size=20),
-                           "resume_token": st.text(max_size=20), "last_seq": st.integers(-1, 100)}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("resume"),
+            "session_id": st.text(max_size=20),
+            "resume_token": st.text(max_size=20),
+            "last_seq": st.integers(-1, 100),
+        }
+    ),
 )
 
 messages = st.one_of(
     valid,
     st.sampled_from(["start", "append", "playback", "cancel", "resume"]).flatmap(_message),
-    st.dictionaries(st.text(max_size=10), values, max_size=5).map(lambda d: {**d, "type": d.get("type", "sing")}),
+    st.dictionaries(st.text(max_size=10), values, max_size=5).map(
+        lambda d: {**d, "type": d.get("type", "sing")}
+    ),
     st.fixed_dictionaries({"type": values}),
     deep,
 )
@@ -109,7 +161,9 @@ def _pack(m: object) -> bytes:
 
 @st.composite
 def frames(draw) -> bytes | str:
-    kind = draw(st.sampled_from(["message", "value", "truncated", "flipped", "garbage", "text", "huge"]))
+    kind = draw(
+        st.sampled_from(["message", "value", "truncated", "flipped", "garbage", "text", "huge"])
+    )
     if kind == "message":
         return _pack(draw(messages))
     if kind == "value":
@@ -125,12 +179,16 @@ def frames(draw) -> bytes | str:
         return draw(st.binary(max_size=300))
     if kind == "text":
         return draw(st.text(max_size=50))
-    return _pack({"type": "start", "blob": _blob(draw(st.integers()), MAX_FRAME + draw(st.integers(1, 100)))})
+    return _pack(
+        {"type": "start", "blob": _blob(draw(st.integers()), MAX_FRAME + draw(st.integers(1, 100)))}
+    )
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(piper):
-    with running_server(piper, max_frame_bytes=MAX_FRAME, max_sessions=16, starts_per_minute=100_000) as server:
+    with running_server(
+        piper, max_frame_bytes=MAX_FRAME, max_sessions=16, starts_per_minute=100_000
+    ) as server:
         yield server
 
 
@@ -142,7 +200,9 @@ def neighbours(fuzz_server):
 
     def loop() -> None:
         while not stop.is_set():
-            results.append(asyncio.run(run_session(fuzz_server.ws_url, speakers_of(4), turns_of()[:3])))
+            results.append(
+                asyncio.run(run_session(fuzz_server.ws_url, speakers_of(4), turns_of()[:3]))
+            )
 
     t = threading.Thread(target=loop)
     t.start()
@@ -151,16 +211,19 @@ def neighbours(fuzz_server):
     t.join(120)
 
 
+SUBPROTOCOLS = [Subprotocol(PROTOCOL)]
+
+
 async def _exchange(url: str, batch: list[bytes | str]) -> list[str]:
     """Send each frame, read what it caused; reconnect after fatal errors and accepted starts."""
     seen: list[str] = []
-    ws = await connect(url, subprotocols=[PROTOCOL], max_size=None, compression=None)
+    ws = await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
     try:
         for frame in batch:
             if ws.close_code is not None:
-                ws = await connect(url, subprotocols=[PROTOCOL], max_size=None, compression=None)
+                ws = await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
             await ws.send(frame)
-            reply = parse_server(await asyncio.wait_for(ws.recv(), 30))
+            reply = parse_server(await asyncio.wait_for(ws.recv(decode=False), 30))
             if isinstance(reply, Error):
                 assert reply.code in DOCUMENTED, reply
                 assert isinstance(reply.message, str) and len(reply.message) > 10
@@ -168,13 +231,15 @@ async def _exchange(url: str, batch: list[bytes | str]) -> list[str]:
                 if reply.fatal:
                     await asyncio.wait_for(ws.wait_closed(), 10)
                     assert ws.close_code in (1008, 1009, 1011, 1013), ws.close_code
-                    ws = await connect(url, subprotocols=[PROTOCOL], max_size=None, compression=None)
+                    ws = await connect(
+                        url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None
+                    )
             elif isinstance(reply, (Ready, Queued)):  # a valid start (unknown fields ignored)
                 seen.append(reply.type)
                 await ws.send(msgpack.packb({"type": "cancel"}))
                 async for _ in ws:
                     pass
-                ws = await connect(url, subprotocols=[PROTOCOL], max_size=None, compression=None)
+                ws = await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
             else:
                 raise AssertionError(f"unexpected reply {reply!r} to {frame[:80]!r}")
     finally:
@@ -185,8 +250,16 @@ async def _exchange(url: str, batch: list[bytes | str]) -> list[str]:
 SEEN: list[str] = []
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 @given(batch=st.lists(frames(), min_size=FRAMES_PER_EXAMPLE, max_size=FRAMES_PER_EXAMPLE))
 def test_fuzzed_frames_get_documented_answers(fuzz_server, neighbours, batch) -> None:
     SEEN.extend(asyncio.run(_exchange(fuzz_server.ws_url, batch)))
@@ -194,7 +267,14 @@ def test_fuzzed_frames_get_documented_answers(fuzz_server, neighbours, batch) ->
 
 def test_after_the_fuzz(fuzz_server, neighbours) -> None:
     assert len(SEEN) >= EXAMPLES * FRAMES_PER_EXAMPLE  # every frame got its answer
-    for answer in ("bad_message", "bad_field", "too_big", "not_started", "unknown_session", "ready"):
+    for answer in (
+        "bad_message",
+        "bad_field",
+        "too_big",
+        "not_started",
+        "unknown_session",
+        "ready",
+    ):
         assert answer in SEEN, f"the fuzz never produced {answer}"
     assert get_json(fuzz_server.http_url + "/healthz") == {"ok": True}
     assert neighbours and all(r.kinds()[-1] == "done" and r.close_code == 1000 for r in neighbours)

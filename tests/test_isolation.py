@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ class Faulty:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def render(self, session: Any, encoded: Any) -> Iterator[np.ndarray]:
+    def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
         for i, chunk in enumerate(self.inner.render(session, encoded)):
             if i == 1 and "FAIL" in encoded.turn.text:
                 raise RuntimeError("a bug in the middle of a turn")
@@ -48,7 +49,11 @@ TURNS = turns_of()[:4]
 @pytest.mark.parametrize("trigger", ["FAIL", "OOM"])
 def test_a_failing_session_leaves_its_neighbour_intact(faulty, caplog, trigger: str) -> None:
     caplog.set_level(logging.ERROR, logger="vibecast.session")
-    bad_turns = TURNS[:1] + [{"speaker": 1, "text": f"This turn will {trigger} halfway through."}] + TURNS[2:]
+    bad_turns = (
+        TURNS[:1]
+        + [{"speaker": 1, "text": f"This turn will {trigger} halfway through."}]
+        + TURNS[2:]
+    )
 
     async def together():
         return await asyncio.gather(

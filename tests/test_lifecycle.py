@@ -11,7 +11,10 @@ from helpers import abort, get_text, metric, speakers_of, turns_of
 
 from vibecast.protocol import Appended, Audio, Cancelled, Client, Closed, Done, Error, TurnEnd
 
-LONG = [{"speaker": i % 2, "text": "This is a fairly long line that keeps the engine busy for a while."} for i in range(12)]
+LONG = [
+    {"speaker": i % 2, "text": "This is a fairly long line that keeps the engine busy for a while."}
+    for i in range(12)
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ async def start_then_drop(server, seen: list | None = None) -> None:
 
 def test_twenty_abrupt_disconnects_leave_nothing_running(quick) -> None:
     hub = quick.state.sessions
-    sessions = []
+    sessions: list = []
 
     async def all_of_them():
         for _ in range(20):
@@ -140,12 +143,17 @@ def test_append_problems_are_reported(quick) -> None:
 
     got = asyncio.run(go())
     errors = [m for m in got if isinstance(m, Error)]
-    assert errors[0].code == "bad_field" and errors[0].field == "turns[0].speaker" and errors[0].turn == 1
+    assert (
+        errors[0].code == "bad_field"
+        and errors[0].field == "turns[0].speaker"
+        and errors[0].turn == 1
+    )
     assert got[-1].type == "done"  # the session itself carried on
 
 
 def test_limits_come_from_config_and_are_echoed(piper) -> None:
     with running_server(piper, max_chars=321, max_speakers=2, max_lead_ms=4000) as server:
+
         async def go():
             async with await Client.connect(server.ws_url) as c:
                 ready = await c.start(speakers_of(2), [{"speaker": 0, "text": "Hi."}])

@@ -7,7 +7,6 @@ import logging
 import re
 
 import msgpack
-
 from conftest import running_server
 from helpers import get_json, get_text, metric, run_session, speakers_of, turns_of
 
@@ -25,7 +24,9 @@ def test_metrics_count_what_happened(piper, caplog) -> None:
     caplog.set_level(logging.INFO, logger="vibecast.sessions")
     with running_server(piper) as server:
         base = server.http_url
-        result = asyncio.run(run_session(server.ws_url, speakers_of(2), turns_of()[:2], options={"seed": 3}))
+        result = asyncio.run(
+            run_session(server.ws_url, speakers_of(2), turns_of()[:2], options={"seed": 3})
+        )
 
         async def stalling_listener():
             async with await Client.connect(server.ws_url) as c:
@@ -47,7 +48,10 @@ def test_metrics_count_what_happened(piper, caplog) -> None:
     sent = metric(text, "vibecast_audio_sent_seconds_total")
     assert abs(sent - (result.done.samples / 48000) * 2) < 20  # both sessions' audio
     assert metric(text, "vibecast_errors_total", 'code="bad_message"') == 1
-    assert metric(text, "vibecast_sessions_active") == 0 and metric(text, "vibecast_sessions_queued") == 0
+    assert (
+        metric(text, "vibecast_sessions_active") == 0
+        and metric(text, "vibecast_sessions_queued") == 0
+    )
 
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("session_end")]
     assert len(lines) == 2
@@ -60,6 +64,7 @@ def test_metrics_count_what_happened(piper, caplog) -> None:
 
 def test_low_lead_is_counted(piper) -> None:
     with running_server(piper) as server:
+
         async def go():
             async with await Client.connect(server.ws_url) as c:
                 await c.start(speakers_of(2), turns_of()[:2])

@@ -1,4 +1,5 @@
-"""Opus through libopus and Ogg Opus files: lookahead, exact lengths, and files other tools accept."""
+"""Opus through libopus and Ogg Opus files: lookahead, exact lengths, and files other tools
+accept."""
 
 from __future__ import annotations
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import decode_packets
 
 from vibecast.server.output import AudioOutput, OutputFormat
-from helpers import decode_packets
 
 
 def speak(out: AudioOutput, turns: list[int], last_known: bool) -> list:
     """Push turns of the given lengths (engine samples, 24 kHz) through the output stage."""
     rng = np.random.default_rng(0)
-    msgs = []
+    msgs: list = []
     for i, n in enumerate(turns):
         msgs.append(out.turn_start(i, 0, "t"))
         for chunk in np.array_split(rng.standard_normal(n).astype(np.float32) * 0.1, 5):
@@ -45,6 +45,7 @@ def test_opus_turns_are_whole_frames_and_the_end_is_exact(rate: int, last_known:
     for n, e in zip([24000 + 17, 12345, 7001], ends, strict=True):
         assert e.samples >= int(np.ceil(n * rate / 24000))  # nothing cut
     decoded = decode_packets([p for a in audio for p in a.packets], rate)
+    assert out.encoder is not None
     skip = out.encoder.lookahead
     if last_known:
         assert len(decoded) - skip == total  # exact

@@ -46,8 +46,12 @@ def test_without_overlap_stages_run_one_after_another(runs) -> None:
 
 def test_overlap_does_not_change_the_audio_or_its_order(runs) -> None:
     def summary(events: list[Any]) -> list[Any]:
-        return [(type(e).__name__, getattr(e, "turn", None)) if not isinstance(e, TurnAudio)
-                else ("audio", e.turn, e.pcm.tobytes()) for e in events]
+        return [
+            (type(e).__name__, getattr(e, "turn", None))
+            if not isinstance(e, TurnAudio)
+            else ("audio", e.turn, e.pcm.tobytes())
+            for e in events
+        ]
 
     with_overlap, _ = runs[True]
     without, _ = runs[False]
@@ -76,7 +80,9 @@ def test_stop_ends_the_pipeline_mid_turn(piper) -> None:
     speakers = [SpeakerVoice("joe", voice_id="joe")]
     session = piper.open_session(speakers, SynthesisParams(seed=1, mode="turns"))
     stop = threading.Event()
-    turns = [Turn(i, 0, "A sentence that takes a while to say, and then some more.") for i in range(4)]
+    turns = [
+        Turn(i, 0, "A sentence that takes a while to say, and then some more.") for i in range(4)
+    ]
     events = []
     for event in run_turns(piper, session, TurnFeed(turns), stop):
         events.append(event)

@@ -32,18 +32,26 @@ def ok_start(**over):
 
 
 def test_start_round_trip_with_every_field() -> None:
-    start = parse_client(pack(**ok_start(
-        speakers=[{"voice": "joe", "name": "Ann"}, {"voice_audio": b"RIFF", "voice_format": "wav"}],
-        turns=[{"speaker": 1, "text": "Hello", "extra": "ignored"}],
-        more=True,
-        format={"codec": "pcm_s16le", "sample_rate": 16000},
-        options={"seed": 7, "cfg_scale": 1.5, "steps": 10, "mode": "turns"},
-        request_id="r1",
-        unknown_field={"nested": [1, 2]},
-    )))
+    start = parse_client(
+        pack(
+            **ok_start(
+                speakers=[
+                    {"voice": "joe", "name": "Ann"},
+                    {"voice_audio": b"RIFF", "voice_format": "wav"},
+                ],
+                turns=[{"speaker": 1, "text": "Hello", "extra": "ignored"}],
+                more=True,
+                format={"codec": "pcm_s16le", "sample_rate": 16000},
+                options={"seed": 7, "cfg_scale": 1.5, "steps": 10, "mode": "turns"},
+                request_id="r1",
+                unknown_field={"nested": [1, 2]},
+            )
+        )
+    )
     assert isinstance(start, Start)
     assert start.speakers[0].name == "Ann" and start.speakers[1].voice_audio == b"RIFF"
     assert start.turns[0].speaker == 1 and start.more is True
+    assert start.format is not None and start.options is not None
     assert start.format.codec == "pcm_s16le" and start.format.sample_rate == 16000
     assert start.options.seed == 7 and start.options.cfg_scale == 1.5
     again = parse_client(start.pack())
@@ -61,15 +69,27 @@ def test_start_round_trip_with_every_field() -> None:
         (pack(type="start"), "bad_field", "speakers"),
         (pack(**ok_start(speakers=[])), "bad_field", "speakers"),
         (pack(**ok_start(speakers=[{}])), "bad_field", "speakers[0].voice"),
-        (pack(**ok_start(speakers=[{"voice": "a", "voice_audio": b"x"}])), "bad_field", "speakers[0].voice"),
+        (
+            pack(**ok_start(speakers=[{"voice": "a", "voice_audio": b"x"}])),
+            "bad_field",
+            "speakers[0].voice",
+        ),
         (pack(**ok_start(speakers=[{"voice": 3}])), "bad_field", "speakers[0].voice"),
-        (pack(**ok_start(speakers=[{"voice": "a", "voice_format": "mp3"}])), "bad_field", "speakers[0].voice_format"),
+        (
+            pack(**ok_start(speakers=[{"voice": "a", "voice_format": "mp3"}])),
+            "bad_field",
+            "speakers[0].voice_format",
+        ),
         (pack(**ok_start(speakers=["joe"])), "bad_field", "speakers[0]"),
         (pack(**ok_start(turns=[{"speaker": True, "text": "x"}])), "bad_field", "turns[0].speaker"),
         (pack(**ok_start(turns=[{"speaker": -1, "text": "x"}])), "bad_field", "turns[0].speaker"),
         (pack(**ok_start(turns=[{"speaker": 0}])), "bad_field", "turns[0].text"),
         (pack(**ok_start(turns=[])), "bad_field", "turns"),
-        (pack(**ok_start(format={"codec": "opus", "sample_rate": 44100})), "bad_field", "format.sample_rate"),
+        (
+            pack(**ok_start(format={"codec": "opus", "sample_rate": 44100})),
+            "bad_field",
+            "format.sample_rate",
+        ),
         (pack(**ok_start(format={"frame_ms": 25})), "bad_field", "format.frame_ms"),
         (pack(**ok_start(format={"bitrate": 1})), "bad_field", "format.bitrate"),
         (pack(**ok_start(options={"steps": 0})), "bad_field", "options.steps"),
@@ -92,6 +112,7 @@ def test_bad_client_frames(frame: bytes, code: str, field: str | None) -> None:
 
 def test_empty_turns_are_fine_when_more_will_come() -> None:
     start = parse_client(pack(**ok_start(turns=[], more=True)))
+    assert isinstance(start, Start)
     assert start.turns == [] and start.more
 
 
@@ -106,7 +127,9 @@ def test_append_checks_speaker_against_the_session_and_numbers_turns() -> None:
 def test_small_client_messages() -> None:
     assert parse_client(pack(type="cancel")) == Cancel()
     assert parse_client(pack(type="playback", played_ms=1200)) == Playback(1200)
-    assert parse_client(pack(type="resume", session_id="a", resume_token="b", last_seq=4)) == Resume("a", "b", 4)
+    assert parse_client(
+        pack(type="resume", session_id="a", resume_token="b", last_seq=4)
+    ) == Resume("a", "b", 4)
 
 
 def test_server_messages_parse_leniently() -> None:

@@ -1,4 +1,5 @@
-"""The streaming resampler: streaming equals offline, lengths are exact, and a tone keeps its pitch."""
+"""The streaming resampler: streaming equals offline, lengths are exact, and a tone keeps its
+pitch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import pytest
 
 from vibecast.engine.resample import Resampler, resample
 
-RATES = [(24000, 48000), (22050, 24000), (22050 * 1.26, 24000), (22050 * 0.8, 24000), (48000, 16000)]
+RATES = [
+    (24000, 48000),
+    (22050, 24000),
+    (22050 * 1.26, 24000),
+    (22050 * 0.8, 24000),
+    (48000, 16000),
+]
 
 
 @pytest.mark.parametrize(("fin", "fout"), RATES)

@@ -27,10 +27,11 @@ async def uninterrupted(url: str) -> tuple[list, np.ndarray]:
         ready = await c.start(speakers_of(4), turns_of(), options={"seed": SEED})
         msgs = [m async for m in c]
     audio = [m for m in msgs if isinstance(m, Audio)]
-    return msgs, decode_packets([p for a in audio for p in a.packets])[ready.format["pre_skip"] :]
+    packets = [p for a in audio for p in (a.packets or [])]
+    return msgs, decode_packets(packets)[ready.format["pre_skip"] :]
 
 
-async def interrupted(server, drop_after: int, gap: bool) -> tuple[list, np.ndarray, int]:
+async def interrupted(server, drop_after: int, gap: bool) -> tuple[list, np.ndarray, int | None]:
     url, hub = server.ws_url, server.state.sessions
     first = await Client.connect(url)
     ready = await first.start(speakers_of(4), turns_of(), options={"seed": SEED})
@@ -48,7 +49,7 @@ async def interrupted(server, drop_after: int, gap: bool) -> tuple[list, np.ndar
     async for m in second:
         msgs.append(m)
     audio = [m for m in msgs if isinstance(m, Audio)]
-    pcm = decode_packets([p for a in audio for p in a.packets])[ready.format["pre_skip"] :]
+    pcm = decode_packets([p for a in audio for p in (a.packets or [])])[ready.format["pre_skip"] :]
     return msgs, pcm, second.close_code
 
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import decode_packets
 
 from vibecast.protocol.ogg import read_ogg_opus
-from helpers import decode_packets
 
 SCRIPT = """\
 Speaker 1: Good evening, and welcome to the late show.
 Speaker 2: Thanks. It is good to be back.
 Speaker 1: Let's get right to it, shall we?
 """
-
 
 
 def _say(*args: str) -> subprocess.CompletedProcess[str]:
@@ -73,7 +72,9 @@ def test_say_writes_wav_in_process_with_model(tmp_path: Path) -> None:
     ("script", "needle"),
     [("Narrator: hello\n", "expected 'Speaker N: text'"), ("Speaker 1:\n", "nothing to say")],
 )
-def test_say_refuses_a_bad_script_with_the_line(server, tmp_path: Path, script: str, needle: str) -> None:
+def test_say_refuses_a_bad_script_with_the_line(
+    server, tmp_path: Path, script: str, needle: str
+) -> None:
     f = tmp_path / "bad.txt"
     f.write_text(script)
     r = _say(str(f), "-o", str(tmp_path / "x.opus"), "--server", server.ws_url)

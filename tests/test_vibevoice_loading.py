@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from vibecast.engine.vibevoice.backend import at_24k, pick_dtype, read_audio
-from vibecast.engine.vibevoice.weights import CheckpointError, resolve
+from vibecast.engine.vibevoice.backend import at_24k
+from vibecast.engine.vibevoice.weights import CheckpointError, pick_dtype, resolve
+from vibecast.engine.voice_audio import decode_voice_audio
 from vibecast.protocol.ogg import OggOpusWriter
 from vibecast.protocol.opus import OpusEncoder
 from vibecast.protocol.wav import wav_bytes
@@ -16,7 +17,9 @@ from vibecast.protocol.wav import wav_bytes
 def test_an_unreachable_hub_id_is_a_clear_error(monkeypatch) -> None:
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # these machines reach no hub
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # these machines reach no hub
     with pytest.raises(CheckpointError, match="Download it elsewhere and pass the directory"):
         resolve("someone/VibeVoice-Nothing")
 
@@ -27,7 +30,7 @@ def tone(rate: int, seconds: float = 1.0) -> np.ndarray:
 
 
 def test_voice_files_in_wav_or_ogg_opus_come_out_at_24k() -> None:
-    audio, rate = read_audio(wav_bytes(tone(16000), 16000))
+    audio, rate = decode_voice_audio(wav_bytes(tone(16000), 16000))
     assert rate == 16000 and len(at_24k(audio, rate)) == 24000
     enc = OpusEncoder(48000)
     x = tone(48000)
@@ -36,12 +39,34 @@ def test_voice_files_in_wav_or_ogg_opus_come_out_at_24k() -> None:
     padded[: len(x)] = x
     writer = OggOpusWriter(enc.pre_skip, 48000)
     data = writer.header() + writer.write(enc.encode(padded)) + writer.finish(len(x))
-    audio, rate = read_audio(data)
+    audio, rate = decode_voice_audio(data)
     assert rate == 48000 and len(audio) == len(x)
     resampled = at_24k(audio, rate)
     assert len(resampled) == 24000
     spectrum = np.abs(np.fft.rfft(resampled[6000:18000]))
     assert abs(np.argmax(spectrum) * 24000 / 12000 - 220) < 4  # still a 220 Hz tone
+
+
+def test_a_bad_file_in_the_voices_folder_is_named(monkeypatch, tmp_path) -> None:
+    import re
+    import shutil
+
+    from vibevoice_helpers import TINY
+
+    from vibecast.engine.vibevoice import weights
+    from vibecast.engine.vibevoice.backend import VibeVoiceBackend
+
+    shutil.copy(TINY / "config.json", tmp_path / "vibevoice-tiny.json")
+    monkeypatch.setattr(weights, "CONFIGS", tmp_path)
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    (folder / "alice.wav").write_bytes(wav_bytes(tone(16000), 16000))
+    (folder / "blip.wav").write_bytes(wav_bytes(tone(16000, 0.05), 16000))  # under the minimum
+    with pytest.raises(ValueError, match=re.escape(f"--voices {folder}: blip.wav: ") + ".*0.05 s"):
+        VibeVoiceBackend.load("random:tiny", device="cpu", dtype="float32", voices=str(folder))
+    (folder / "blip.wav").unlink()
+    backend = VibeVoiceBackend.load("random:tiny", "cpu", "float32", voices=str(folder))
+    assert [v.id for v in backend.voices()] == ["alice"]
 
 
 def test_bfloat16_is_refused_on_a_gpu_older_than_ampere(monkeypatch) -> None:
@@ -61,10 +86,11 @@ def test_random_weights_of_a_released_size_run_the_frame_benchmark(monkeypatch, 
     # on a GPU; here the same path runs with the tiny dimensions so it fits on this machine.
     import shutil
 
+    from vibevoice_helpers import TINY
+
     from vibecast.bench import frame_times
     from vibecast.engine.vibevoice import weights
     from vibecast.engine.vibevoice.backend import VibeVoiceBackend
-    from vibevoice_helpers import TINY
 
     shutil.copy(TINY / "config.json", tmp_path / "vibevoice-tiny.json")
     monkeypatch.setattr(weights, "CONFIGS", tmp_path)

@@ -54,7 +54,8 @@ def _copy_tiny(tmp: Path) -> Path:
 def test_tiny_checkpoint_loads_strictly() -> None:
     model = load_model(TINY, "cpu", torch.float32)
     assert model.cfg.lm.tie_word_embeddings is False
-    assert torch.isfinite(model.model.speech_scaling_factor)
+    factor = model.model.speech_scaling_factor
+    assert isinstance(factor, torch.Tensor) and torch.isfinite(factor)
     assert not any(p.is_meta for p in model.parameters())
 
 
@@ -74,7 +75,10 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     d = _copy_tiny(tmp_path)
     state = load_file(d / "model.safetensors")
     names = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for file, part in halves.items():
         save_file({k: state[k] for k in part}, d / file)
     (d / "model.safetensors").unlink()
@@ -82,16 +86,27 @@ def test_sharded_checkpoint_loads(tmp_path: Path) -> None:
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     sharded = load_model(d, "cpu", torch.float32)
     single = load_model(TINY, "cpu", torch.float32)
-    for (k, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items(), strict=True):
+    for (k, a), (_, b) in zip(
+        sharded.state_dict().items(), single.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), k
 
 
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        (lambda s: s.pop("model.prediction_head.cond_proj.weight"), "missing (first: model.prediction_head.cond_proj.weight"),
-        (lambda s: s.__setitem__("model.extra.weight", torch.zeros(1)), "unexpected (first: model.extra.weight"),
-        (lambda s: s.__setitem__("model.acoustic_connector.fc1.bias", torch.zeros(3)), "model.acoustic_connector.fc1.bias has shape [3]"),
+        (
+            lambda s: s.pop("model.prediction_head.cond_proj.weight"),
+            "missing (first: model.prediction_head.cond_proj.weight",
+        ),
+        (
+            lambda s: s.__setitem__("model.extra.weight", torch.zeros(1)),
+            "unexpected (first: model.extra.weight",
+        ),
+        (
+            lambda s: s.__setitem__("model.acoustic_connector.fc1.bias", torch.zeros(3)),
+            "model.acoustic_connector.fc1.bias has shape [3]",
+        ),
     ],
 )
 def test_bad_checkpoints_name_the_tensor(tmp_path: Path, change, needle: str) -> None:

@@ -56,14 +56,18 @@ def test_diffusion_head_evaluation(ref, rt) -> None:
 @torch.no_grad()
 def test_cfg_sampling_of_a_frame(ref, rt) -> None:
     fx, meta = ref
-    out = rt.sampler(meta["steps"]).sample(fx["cfg_pos"], fx["cfg_neg"], fx["cfg_noise"][:1], meta["cfg_scale"])
+    out = rt.sampler(meta["steps"]).sample(
+        fx["cfg_pos"], fx["cfg_neg"], fx["cfg_noise"][:1], meta["cfg_scale"]
+    )
     close(out, fx["cfg_out"], 1e-5)
 
 
 def frame_by_frame(module, x: torch.Tensor, hop: int) -> torch.Tensor:
     """Streaming: feed one latent frame (hop = 1) or 3200 samples (hop = 3200) at a time."""
     state = module.new_state(1, "cpu", torch.float32)
-    return torch.cat([module.step(x[..., i : i + hop], state) for i in range(0, x.shape[-1], hop)], -1)
+    return torch.cat(
+        [module.step(x[..., i : i + hop], state) for i in range(0, x.shape[-1], hop)], -1
+    )
 
 
 @torch.no_grad()
@@ -78,7 +82,9 @@ def test_streaming_decoder_audio(ref, rt) -> None:
 def test_semantic_encoder_features(ref, rt) -> None:
     fx, _ = ref
     encoder = rt.model.model.semantic_tokenizer.encoder
-    close(frame_by_frame(encoder, fx["sem_audio"], 3200).permute(0, 2, 1), fx["sem_streaming"], 1e-5)
+    close(
+        frame_by_frame(encoder, fx["sem_audio"], 3200).permute(0, 2, 1), fx["sem_streaming"], 1e-5
+    )
     close(encoder(fx["sem_audio"]).permute(0, 2, 1), fx["sem_offline"], 1e-5)
 
 
@@ -106,7 +112,9 @@ def test_prompt_layout_is_the_reference_processors(ref, rt) -> None:
 def test_continuous_generation_matches_token_for_token(ref, rt) -> None:
     fx, meta = ref
     voices = [fx["voice_0"].numpy(), fx["voice_1"].numpy()]
-    tokens, audio = generate_continuous(rt, _lines(meta), voices, meta["cfg_scale"], meta["steps"], meta["seed"])
+    tokens, audio = generate_continuous(
+        rt, _lines(meta), voices, meta["cfg_scale"], meta["steps"], meta["seed"]
+    )
     assert tokens == meta["tokens"]
     # The recorded run takes every branch: diffusion, segment end and restart, and eos.
     assert {t: tokens.count(t) for t in set(tokens)} == {
@@ -131,10 +139,31 @@ def test_synth_command_writes_the_same_audio(ref, tmp_path: Path) -> None:
         path.write_bytes(wav_bytes(fx[f"voice_{i}"].numpy(), 24000, float32=True))
         voices += ["--voice", str(path)]
     out = tmp_path / "out.wav"
-    cmd = [sys.executable, "-c", "from vibecast.cli import main; main()", "synth", "--model", str(TINY),
-           "--script", str(script), *voices, "--mode", "continuous", "--seed", str(meta["seed"]),
-           "--steps", str(meta["steps"]), "--cfg-scale", str(meta["cfg_scale"]), "--dtype", "float32",
-           "--device", "cpu", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from vibecast.cli import main; main()",
+        "synth",
+        "--model",
+        str(TINY),
+        "--script",
+        str(script),
+        *voices,
+        "--mode",
+        "continuous",
+        "--seed",
+        str(meta["seed"]),
+        "--steps",
+        str(meta["steps"]),
+        "--cfg-scale",
+        str(meta["cfg_scale"]),
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     audio, rate = read_wav(out.read_bytes())

@@ -6,15 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vibecast.engine.vibevoice.codec import Block, CausalConv1d, CausalConvTranspose1d, Decoder, Encoder
+from vibecast.engine.vibevoice.codec import (
+    Block,
+    CausalConv1d,
+    CausalConvTranspose1d,
+    Decoder,
+    Encoder,
+)
 from vibecast.engine.vibevoice.config import CodecConfig
 
 
 def tiny_codec(depths: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 2)) -> CodecConfig:
     return CodecConfig(
-        vae_dim=8, n_filters=2, ratios=(8, 5, 5, 4, 2, 2), encoder_depths=depths,
-        decoder_depths=tuple(reversed(depths)), layernorm_eps=1e-5, layer_scale=True, last_norm=False,
-        conv_bias=True, fix_std=0.5, std_dist_type="gaussian",
+        vae_dim=8,
+        n_filters=2,
+        ratios=(8, 5, 5, 4, 2, 2),
+        encoder_depths=depths,
+        decoder_depths=tuple(reversed(depths)),
+        layernorm_eps=1e-5,
+        layer_scale=True,
+        last_norm=False,
+        conv_bias=True,
+        fix_std=0.5,
+        std_dist_type="gaussian",
     )
 
 
@@ -30,18 +44,26 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def stream(module, x: torch.Tensor, cuts: list[int], state: list[torch.Tensor]) -> torch.Tensor:
     pieces = torch.tensor_split(x, cuts, dim=-1)
-    return torch.cat([module.step(p, state) if not isinstance(module, Block) else module(p, state) for p in pieces], -1)
+    return torch.cat(
+        [
+            module.step(p, state) if not isinstance(module, Block) else module(p, state)
+            for p in pieces
+        ],
+        -1,
+    )
 
 
 def state_for(*modules) -> list[torch.Tensor]:
-    states = []
+    states: list[torch.Tensor] = []
     for m in modules:
         m.slot = len(states)
         states.append(torch.zeros(1, *m.state_shape()))
     return states
 
 
-@pytest.mark.parametrize(("kernel", "stride", "groups"), [(7, 1, 1), (7, 1, 4), (16, 8, 1), (4, 2, 1), (10, 5, 1)])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "groups"), [(7, 1, 1), (7, 1, 4), (16, 8, 1), (4, 2, 1), (10, 5, 1)]
+)
 @torch.no_grad()
 def test_causal_conv(kernel: int, stride: int, groups: int) -> None:
     conv = randomize(CausalConv1d(4, 4, kernel, stride, groups=groups))
@@ -49,7 +71,9 @@ def test_causal_conv(kernel: int, stride: int, groups: int) -> None:
     offline = conv(x)
     assert offline.shape[-1] == 37
     for cuts in ([stride * 5], [stride * i for i in (1, 2, 3, 10, 30)], []):
-        torch.testing.assert_close(stream(conv, x, cuts, state_for(conv)), offline, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            stream(conv, x, cuts, state_for(conv)), offline, rtol=0, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("stride", [2, 4, 5, 8])
@@ -69,7 +93,9 @@ def test_block() -> None:
     conv = block.mixer.conv
     x = torch.randn(1, 8, 50)
     offline = block(x)
-    torch.testing.assert_close(stream(block, x, [3, 10, 11, 40], state_for(conv)), offline, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        stream(block, x, [3, 10, 11, 40], state_for(conv)), offline, rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("frames_per_chunk", [1, 2, 3])
@@ -84,7 +110,9 @@ def test_whole_decoder_and_encoder(frames_per_chunk: int) -> None:
     state = decoder.new_state(1, "cpu", torch.float32)
     scale = float(audio.abs().max())
     assert scale > 0.1
-    torch.testing.assert_close(stream(decoder, latents, cuts, state), audio, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(
+        stream(decoder, latents, cuts, state), audio, rtol=0, atol=1e-5 * scale
+    )
     features = encoder(audio)
     assert features.shape == (1, 8, 7)
     state = encoder.new_state(1, "cpu", torch.float32)

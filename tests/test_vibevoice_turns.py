@@ -13,6 +13,7 @@ from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
 from vibecast.engine.instrument import TimedBackend
 from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed, run_turns
 from vibecast.engine.vibevoice.backend import VibeVoiceBackend
+from vibecast.protocol.messages import Code, ProtocolError
 
 SCRIPT = [
     (0, "Hello there, and welcome to the show."),
@@ -34,7 +35,8 @@ def backend() -> VibeVoiceBackend:
 def run(backend, turns, overlap=True, seed=3):
     inst = TimedBackend(backend)
     session = backend.open_session(
-        [SpeakerVoice("A", voice_id="alice"), SpeakerVoice("B", voice_id="bob")], SynthesisParams(seed, "turns", 1.3, 5)
+        [SpeakerVoice("A", voice_id="alice"), SpeakerVoice("B", voice_id="bob")],
+        SynthesisParams(seed, "turns", 1.3, 5),
     )
     feed = TurnFeed([Turn(i, s, t) for i, (s, t) in enumerate(turns)])
     events = list(run_turns(inst, session, feed, threading.Event(), overlap))
@@ -89,9 +91,15 @@ def test_the_seed_makes_it_repeatable(backend) -> None:
 
 
 def test_turns_mode_streams_continuous_mode_refused(backend) -> None:
-    from vibecast.engine.backend import BadRequest
-
-    with pytest.raises(BadRequest, match="continuous"):
+    with pytest.raises(ProtocolError, match="continuous") as refused:
         backend.check_params(SynthesisParams(0, "continuous"))
-    with pytest.raises(BadRequest, match="speakers\\[0\\].voice"):
-        backend.open_session([SpeakerVoice("A", voice_id="nobody")], SynthesisParams(0, "turns"))
+    assert (refused.value.code, refused.value.field) == (Code.BAD_FIELD, "options.mode")
+
+
+def test_the_catalogue_is_what_the_server_checks_names_against(backend) -> None:
+    # The server refuses a name outside `voices()` before any session opens (test_bad_input.py),
+    # so every listed name must open a session and an unlisted one never reaches the backend.
+    assert sorted(v.id for v in backend.voices()) == ["alice", "bob"]
+    params = SynthesisParams(0, "turns", 1.3, 2)
+    session = backend.open_session([SpeakerVoice("A", voice_id="bob")], params)
+    backend.close_session(session)

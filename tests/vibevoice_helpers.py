@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from vibecast.engine.vibevoice.generate import Runtime
-from vibecast.engine.vibevoice.tokenizer import TextTokenizer
-from vibecast.engine.vibevoice.weights import load_model
+from vibecast.engine.vibevoice.weights import load_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "vibevoice"  # CI has ../shared beside the clone
@@ -19,9 +18,10 @@ TINY = FIXTURES / "tiny"
 
 
 def reference() -> tuple[dict[str, torch.Tensor], dict]:
-    return load_file(FIXTURES / "reference.safetensors"), json.loads((FIXTURES / "reference.json").read_text())
+    return load_file(FIXTURES / "reference.safetensors"), json.loads(
+        (FIXTURES / "reference.json").read_text()
+    )
 
 
 def tiny_runtime() -> Runtime:
-    model = load_model(TINY, "cpu", torch.float32)
-    return Runtime(model, TextTokenizer.load(TINY), torch.device("cpu"), torch.float32)
+    return load_runtime(str(TINY), "cpu", "float32")

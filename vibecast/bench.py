@@ -53,19 +53,26 @@ def synthetic_voice(i: int, seconds: float = 3.0) -> np.ndarray:
     t = np.arange(int(24000 * seconds)) / 24000
     f0 = 110.0 * 2 ** (i / 4)
     phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.03 * np.sin(2 * np.pi * 5 * t))) / 24000
-    return (0.2 * sum(np.sin(k * phase) / k for k in range(1, 6))).astype(np.float32)
+    harmonics = sum((np.sin(k * phase) / k for k in range(1, 6)), start=np.zeros_like(phase))
+    return (0.2 * harmonics).astype(np.float32)
 
 
 def speaker_specs(voices: list[str]) -> list[dict[str, Any]]:
     if voices:
         return [{"voice": voices[i % len(voices)]} for i in range(4)]
-    return [{"voice_audio": wav_bytes(synthetic_voice(i), 24000), "voice_format": "wav"} for i in range(4)]
+    return [
+        {"voice_audio": wav_bytes(synthetic_voice(i), 24000), "voice_format": "wav"}
+        for i in range(4)
+    ]
 
 
 def speaker_voices(backend: Any) -> list[SpeakerVoice]:
     voices = backend.voices()
     if voices:
-        return [SpeakerVoice(voices[i % len(voices)].id, voice_id=voices[i % len(voices)].id) for i in range(4)]
+        return [
+            SpeakerVoice(voices[i % len(voices)].id, voice_id=voices[i % len(voices)].id)
+            for i in range(4)
+        ]
     return [SpeakerVoice(f"s{i}", audio=synthetic_voice(i), audio_rate=24000) for i in range(4)]
 
 
@@ -90,7 +97,9 @@ async def first_audio_times(
     return times, cancels
 
 
-async def full_dialogue(url: str, token: str | None, speakers: list[dict[str, Any]], pitch: bool) -> dict[str, Any]:
+async def full_dialogue(
+    url: str, token: str | None, speakers: list[dict[str, Any]], pitch: bool
+) -> dict[str, Any]:
     decoder = OpusDecoder(48000)
     per_turn: dict[int, list[np.ndarray]] = {}
     async with await Client.connect(url, token=token) as client:
@@ -140,7 +149,7 @@ def pipeline_walls(backend: Any, repeats: int = 3) -> dict[str, Any]:
             session = backend.open_session(speakers, SynthesisParams(seed=r, mode=backend.modes[0]))
             t0 = time.perf_counter()
             samples = sum(
-                len(e.pcm)
+                int(len(e.pcm))
                 for e in run_turns(timed, session, TurnFeed(turns), threading.Event(), overlap)
                 if isinstance(e, TurnAudio)
             )
@@ -238,7 +247,10 @@ def run_bench(args: Any) -> int:
             "min": round(min(ttfa) * 1000, 1),
             "max": round(max(ttfa) * 1000, 1),
         },
-        "cancel_ms": {"p50": round(percentile(cancels, 50) * 1000, 1), "max": round(max(cancels) * 1000, 1)},
+        "cancel_ms": {
+            "p50": round(percentile(cancels, 50) * 1000, 1),
+            "max": round(max(cancels) * 1000, 1),
+        },
         "dialogue": dialogue,
         "pipeline": pipeline_walls(backend),
     }
@@ -255,17 +267,28 @@ def _print(r: dict[str, Any]) -> None:
     f, d, p = r["first_audio_ms"], r["dialogue"], r["pipeline"]
     print(f"model    {r['model']}")
     print(f"machine  {r['machine']}")
-    print(f"first audio ({f['runs']} warm runs)  p50 {f['p50']} ms   p95 {f['p95']} ms   "
-          f"(min {f['min']}, max {f['max']})")
+    print(
+        f"first audio ({f['runs']} warm runs)  p50 {f['p50']} ms   p95 {f['p95']} ms   "
+        f"(min {f['min']}, max {f['max']})"
+    )
     print(f"cancel -> cancelled  p50 {r['cancel_ms']['p50']} ms   max {r['cancel_ms']['max']} ms")
-    print(f"8-turn dialogue  {d['audio_s']:.1f} s audio in {d['wall_s']:.2f} s: RTF engine "
-          f"{d['rtf_engine']}, RTF wall {d['rtf_wall']}")
-    print(f"pipeline  pipelined {p['pipelined_s']} s  sequential {p['sequential_s']} s  "
-          f"({p['saved_pct']}% saved; {p['encode_hidden_pct']}% of the next turn's text stage "
-          f"hidden behind the render; {p['audio_s']} s audio)")
+    print(
+        f"8-turn dialogue  {d['audio_s']:.1f} s audio in {d['wall_s']:.2f} s: RTF engine "
+        f"{d['rtf_engine']}, RTF wall {d['rtf_wall']}"
+    )
+    print(
+        f"pipeline  pipelined {p['pipelined_s']} s  sequential {p['sequential_s']} s  "
+        f"({p['saved_pct']}% saved; {p['encode_hidden_pct']}% of the next turn's text stage "
+        f"hidden behind the render; {p['audio_s']} s audio)"
+    )
     for voice, v in d.get("voices", {}).items():
-        print(f"voice {voice:12s} median F0 {v['median_f0_hz']:6.1f} Hz   {v['chars_per_s']} chars/s")
+        print(
+            f"voice {voice:12s} median F0 {v['median_f0_hz']:6.1f} Hz   {v['chars_per_s']} chars/s"
+        )
     if "frame" in r:
         fr = r["frame"]
-        print(f"frame  p50 {fr['p50_ms']} ms, mean {fr['mean_ms']} ms over {fr['frames']} frames "
-              f"({fr['diffusion_steps']} diffusion steps, {fr['device']} {fr['dtype']}): RTF {fr['rtf']}")
+        print(
+            f"frame  p50 {fr['p50_ms']} ms, mean {fr['mean_ms']} ms over {fr['frames']} frames "
+            f"({fr['diffusion_steps']} diffusion steps, {fr['device']} {fr['dtype']}): "
+            f"RTF {fr['rtf']}"
+        )

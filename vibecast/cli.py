@@ -18,8 +18,13 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             p.add_argument(flag, action="store_const", const=True, default=None)
         elif name == "api_keys":
-            p.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
-                           help="accept this API key (repeat for several)")
+            p.add_argument(
+                "--api-key",
+                dest="api_keys",
+                action="append",
+                metavar="KEY",
+                help="accept this API key (repeat for several)",
+            )
         else:
             p.add_argument(flag, dest=name, default=None, metavar=name.split("_")[-1].upper())
 
@@ -28,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .server.config import load_config
-    from .server.run import bind, check_exposure, uvicorn_config
+    from .server.run import app_state, bind, check_exposure, uvicorn_config
 
     flags = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
     try:
@@ -40,14 +45,17 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         sock = bind(config.host, config.port)  # bound here, so --port 0 can say which port it got
     except OSError as e:
-        print(f"vibecast serve: cannot listen on {config.host}:{config.port}: {e.strerror}", file=sys.stderr)
+        print(
+            f"vibecast serve: cannot listen on {config.host}:{config.port}: {e.strerror}",
+            file=sys.stderr,
+        )
         return 2
     config = config.replace(port=sock.getsockname()[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(f"vibecast: loading {config.model} ...", flush=True)
     server = uvicorn.Server(uvicorn_config(config, log_level="info"))
-    state = server.config.app.state.vibecast
+    state = app_state(server)
 
     def announce() -> None:
         state.ready.wait()
@@ -74,14 +82,21 @@ def main(argv: list[str] | None = None) -> None:
     say.add_argument("-o", "--out", required=True, help="output file: .opus, .ogg or .wav")
     say.add_argument("--server", default="ws://127.0.0.1:8000/v1/stream", help="server to use")
     say.add_argument("--token", help="API key, when the server needs one")
-    say.add_argument("--voice", action="append", metavar="VOICE",
-                     help="voice of the next speaker: a name from GET /v1/voices or a .wav/.ogg "
-                     "sample (repeat per speaker; default: the server's voices in order)")
+    say.add_argument(
+        "--voice",
+        action="append",
+        metavar="VOICE",
+        help="voice of the next speaker: a name from GET /v1/voices or a .wav/.ogg "
+        "sample (repeat per speaker; default: the server's voices in order)",
+    )
     say.add_argument("--seed", type=int, help="make the audio repeatable")
     say.add_argument("--play-while", action="store_true", help="play the audio as it arrives")
     say.add_argument("--quiet", action="store_true", help="no progress bar")
-    say.add_argument("--model", help="synthesize in this process instead of using a server "
-                     "(piper, a Piper .onnx, or a VibeVoice directory/hub id)")
+    say.add_argument(
+        "--model",
+        help="synthesize in this process instead of using a server "
+        "(piper, a Piper .onnx, or a VibeVoice directory/hub id)",
+    )
     say.add_argument("--voices", help="with --model: a directory of voice samples")
     say.add_argument("--device", default="auto", help="with --model: cuda, cpu or auto")
     say.add_argument("--dtype", default="auto", help="with --model: bfloat16, float32 or auto")
@@ -95,11 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--voices", help="directory of voice samples for the model")
     bench.add_argument("--runs", type=int, default=10, help="first-audio samples to take (>= 10)")
     bench.add_argument("--json", help="also write the results to this file")
-    bench.add_argument("--soak", type=float, metavar="MINUTES",
-                       help="instead: a dialogue this long through a server process, played --speed "
-                       "times faster than real time, sampling the server's memory")
+    bench.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="instead: a dialogue this long through a server process, played --speed "
+        "times faster than real time, sampling the server's memory",
+    )
     bench.add_argument("--speed", type=float, default=10.0, help="with --soak: listener speed")
-    bench.add_argument("--max-lead-ms", type=int, default=30_000, help="with --soak: the server's lead limit")
+    bench.add_argument(
+        "--max-lead-ms", type=int, default=30_000, help="with --soak: the server's lead limit"
+    )
 
     synth = sub.add_parser("synth", help="VibeVoice: write the 24 kHz audio of a whole script")
     synth.add_argument("--model", required=True, help="VibeVoice directory or hub id")

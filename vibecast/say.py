@@ -25,7 +25,19 @@ PLAYERS = {
     "pw-play": ["pw-play", "--format", "s16", "--rate", "{rate}", "--channels", "1", "-"],
     "paplay": ["paplay", "--raw", "--format=s16le", "--channels=1", "--rate={rate}"],
     "aplay": ["aplay", "-q", "-f", "S16_LE", "-c", "1", "-r", "{rate}"],
-    "ffplay": ["ffplay", "-loglevel", "error", "-nodisp", "-autoexit", "-f", "s16le", "-ar", "{rate}", "-i", "-"],
+    "ffplay": [
+        "ffplay",
+        "-loglevel",
+        "error",
+        "-nodisp",
+        "-autoexit",
+        "-f",
+        "s16le",
+        "-ar",
+        "{rate}",
+        "-i",
+        "-",
+    ],
 }
 
 
@@ -89,7 +101,9 @@ class Progressbar:
             width = 30
             filled = int(width * turns_done / max(1, self.total))
             bar = "#" * filled + "." * (width - filled)
-            self.out.write(f"\r[{bar}] {turns_done}/{self.total} turns, {audio_s:.1f} s audio, {speed} ")
+            self.out.write(
+                f"\r[{bar}] {turns_done}/{self.total} turns, {audio_s:.1f} s audio, {speed} "
+            )
         else:
             self.out.write(f"turn {turns_done}/{self.total}: {audio_s:.1f} s audio, {speed}\n")
         self.out.flush()
@@ -117,11 +131,12 @@ async def say(
     available = fetch_voices(url, token)
     speakers = speaker_specs(voices or [], n_speakers, available)
     codec = "pcm_s16le" if suffix == ".wav" else "opus"
-    fmt = {"codec": codec, "sample_rate": 24000 if codec == "pcm_s16le" else 48000}
+    rate = 24000 if codec == "pcm_s16le" else 48000
+    fmt = {"codec": codec, "sample_rate": rate}
     options = {"seed": seed} if seed is not None else None
     turns = [{"speaker": line.speaker, "text": line.text} for line in lines]
 
-    player = open_player(fmt["sample_rate"]) if play_while else None
+    player = open_player(rate) if play_while else None
     decoder = OpusDecoder(48000) if (player and codec == "opus") else None
     packets: list[bytes] = []
     pcm: list[bytes] = []
@@ -155,7 +170,9 @@ async def say(
             elif isinstance(msg, (TurnStart, Progress)):
                 pass
         if done is None:
-            raise SayError(f"the server closed the connection before done (code {client.close_code})")
+            raise SayError(
+                f"the server closed the connection before done (code {client.close_code})"
+            )
     if bar:
         bar.end()
     if player is not None:
@@ -185,7 +202,14 @@ def run_say(args: Any) -> int:
         from .server.config import ServerConfig
         from .server.run import ServerThread
 
-        config = ServerConfig(host="127.0.0.1", port=0, model=args.model, device=args.device, dtype=args.dtype, voices=args.voices)
+        config = ServerConfig(
+            host="127.0.0.1",
+            port=0,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            voices=args.voices,
+        )
         server = ServerThread(config).start()
         url = server.ws_url
     else:

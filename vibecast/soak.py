@@ -79,7 +79,9 @@ class Listener:
             if self.played_ms:  # stalled (not the start): the time counts until it plays again
                 self.stall_ms += (now - self.last) * 1000
             self.last = now
-            if self.received_ms - self.played_ms >= self.prebuffer_ms or (self.finished and self.received_ms > self.played_ms):
+            if self.received_ms - self.played_ms >= self.prebuffer_ms or (
+                self.finished and self.received_ms > self.played_ms
+            ):
                 self.playing = True
             return
         self.played_ms += (now - self.last) * 1000 * self.speed
@@ -108,7 +110,9 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
     t0 = time.monotonic()
     async with await Client.connect(url) as client:
         ready = await client.start(
-            [{"voice": v} for v in ("joe", "joe-high", "joe-deep", "joe-bright")], turns, options={"seed": 1}
+            [{"voice": v} for v in ("joe", "joe-high", "joe-deep", "joe-bright")],
+            turns,
+            options={"seed": 1},
         )
         rate = ready.format["sample_rate"]
         lead_limit = ready.limits["max_lead_ms"]
@@ -166,8 +170,20 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
 
 
 def run_soak(minutes: float, speed: float, model: str, lead_ms: int, out: str | None) -> int:
-    cmd = [sys.executable, "-c", "from vibecast.cli import main; main()", "serve", "--port", "0",
-           "--model", model, "--max-lead-ms", str(lead_ms), "--max-chars", "400000"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from vibecast.cli import main; main()",
+        "serve",
+        "--port",
+        "0",
+        "--model",
+        model,
+        "--max-lead-ms",
+        str(lead_ms),
+        "--max-chars",
+        "400000",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         url = None

@@ -10,24 +10,31 @@ import numpy as np
 import torch
 
 from .engine.script import ScriptError, parse_script
-from .engine.vibevoice.backend import at_24k, pick_device, pick_dtype, read_audio
-from .engine.vibevoice.generate import Runtime, encode_turn, generate_continuous, open_session, render_turn
-from .engine.vibevoice.tokenizer import TextTokenizer
-from .engine.vibevoice.weights import CheckpointError, load_model, resolve
+from .engine.vibevoice.backend import at_24k, read_voice_file
+from .engine.vibevoice.generate import encode_turn, generate_continuous, open_session, render_turn
+from .engine.vibevoice.weights import CheckpointError, load_runtime
 from .protocol.wav import wav_bytes
 
 
-def synthesize(model: str, script: str, voices: list[str], mode: str, seed: int, steps: int,
-               cfg_scale: float, device: str, dtype: str) -> np.ndarray:
+def synthesize(
+    model: str,
+    script: str,
+    voices: list[str],
+    mode: str,
+    seed: int,
+    steps: int,
+    cfg_scale: float,
+    device: str,
+    dtype: str,
+) -> np.ndarray:
     lines = [(line.speaker, line.text) for line in parse_script(script)]
-    wavs = [at_24k(*read_audio(Path(v).read_bytes())) for v in voices]
+    wavs = [at_24k(*read_voice_file(Path(v), f"--voice {v}")) for v in voices]
     speakers = max(s for s, _ in lines) + 1
     if len(wavs) < speakers:
-        raise ValueError(f"the script has {speakers} speakers but {len(wavs)} --voice files were given")
-    directory = resolve(model)
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    rt = Runtime(load_model(directory, dev, dt), TextTokenizer.load(directory), dev, dt)
+        raise ValueError(
+            f"the script has {speakers} speakers but {len(wavs)} --voice files were given"
+        )
+    rt = load_runtime(model, device, dtype)
     if mode == "continuous":
         _, audio = generate_continuous(rt, lines, wavs, cfg_scale, steps, seed)
         return audio
@@ -42,8 +49,17 @@ def run_synth(args: Any) -> int:
     try:
         script = Path(args.script).read_text("utf-8")
         with torch.inference_mode():
-            audio = synthesize(args.model, script, args.voice, args.mode, args.seed, args.steps,
-                               args.cfg_scale, args.device, args.dtype)
+            audio = synthesize(
+                args.model,
+                script,
+                args.voice,
+                args.mode,
+                args.seed,
+                args.steps,
+                args.cfg_scale,
+                args.device,
+                args.dtype,
+            )
     except (OSError, ValueError, ScriptError, CheckpointError) as e:
         print(f"vibecast synth: {e}", file=sys.stderr)
         return 2

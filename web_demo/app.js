@@ -50,6 +50,8 @@ function parse(text) {
     else if (!m[2]) errors.push({ line, message: `line ${line + 1}: Speaker ${m[1]} has nothing to say` });
     else turns.push({ number: Number(m[1]), text: m[2], line });
   });
+  // One rule with engine/script.py (docs/protocol.md "Scripts as text"): the distinct numbers,
+  // sorted ascending, are speakers 0, 1, 2, ... The comparator matters: sort() alone is by text.
   const numbers = [...new Set(turns.map((t) => t.number))].sort((a, b) => a - b);
   for (const t of turns) t.speaker = numbers.indexOf(t.number);
   return { turns, errors, speakers: numbers };

@@ -18,21 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CodecConfig
+from .layers import nest
 from .norm import RMSNorm
-
-
-def nest(**children: nn.Module) -> nn.Module:
-    """A container whose only job is to put `children` under the checkpoint's names."""
-    box = nn.Module()
-    for name, child in children.items():
-        box.add_module(name, child)
-    return box
 
 
 class CausalConv1d(nn.Module):
     """Conv1d that sees only the past: `context` = kernel - stride samples of left history."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = True) -> None:
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = True
+    ) -> None:
         super().__init__()
         self.conv = nest(conv=nn.Conv1d(cin, cout, kernel, stride, groups=groups, bias=bias))
         self.kernel, self.stride, self.cin = kernel, stride, cin
@@ -99,17 +94,19 @@ class Block(nn.Module):
     def __init__(self, dim: int, cfg: CodecConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(dim, cfg.layernorm_eps, channels_first=True)
-        self.mixer = nest(conv=CausalConv1d(dim, dim, cfg.kernel_size, groups=dim, bias=cfg.conv_bias))
+        self.mixer = nest(
+            conv=CausalConv1d(dim, dim, cfg.kernel_size, groups=dim, bias=cfg.conv_bias)
+        )
         self.ffn_norm = RMSNorm(dim, cfg.layernorm_eps, channels_first=True)
         self.ffn = nest(
             linear1=nn.Linear(dim, 4 * dim, bias=cfg.conv_bias),
             linear2=nn.Linear(4 * dim, dim, bias=cfg.conv_bias),
         )
+        self.gamma: nn.Parameter | None = None
+        self.ffn_gamma: nn.Parameter | None = None
         if cfg.layer_scale:
             self.gamma = nn.Parameter(torch.ones(dim))
             self.ffn_gamma = nn.Parameter(torch.ones(dim))
-        else:
-            self.gamma = self.ffn_gamma = None
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = x.transpose(1, 2)  # channels last for the linears: (B, T, C)
@@ -145,10 +142,12 @@ class _Stack(nn.Module):
                 m.slot = len(self._streaming)
                 self._streaming.append(m)
 
-    def new_state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> list[torch.Tensor]:
+    def new_state(
+        self, batch: int, device: torch.device | str, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         """Zeroed streaming state for `batch` streams: one buffer per causal conv."""
         return [
-            torch.zeros(batch, *m.state_shape(), device=device, dtype=dtype)  # type: ignore[operator]
+            torch.zeros(batch, *m.state_shape(), device=device, dtype=dtype)
             for m in self._streaming
         ]
 
@@ -202,9 +201,15 @@ class Decoder(_Stack):
     def __init__(self, cfg: CodecConfig) -> None:
         super().__init__()
         nf, n = cfg.n_filters, len(cfg.decoder_depths)
-        layers = [nn.ModuleList([CausalConv1d(cfg.vae_dim, nf * 2 ** (n - 1), cfg.kernel_size, bias=cfg.conv_bias)])]
+        layers = [
+            nn.ModuleList(
+                [CausalConv1d(cfg.vae_dim, nf * 2 ** (n - 1), cfg.kernel_size, bias=cfg.conv_bias)]
+            )
+        ]
         for i, r in enumerate(cfg.ratios):
-            up = CausalConvTranspose1d(nf * 2 ** (n - 1 - i), nf * 2 ** (n - 2 - i), 2 * r, r, bias=cfg.conv_bias)
+            up = CausalConvTranspose1d(
+                nf * 2 ** (n - 1 - i), nf * 2 ** (n - 2 - i), 2 * r, r, bias=cfg.conv_bias
+            )
             layers.append(nn.ModuleList([up]))
         self.upsample_layers = nn.ModuleList(layers)
         self.stages = nn.ModuleList(

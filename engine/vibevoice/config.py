@@ -101,10 +101,14 @@ class VibeVoiceConfig:
                 "VibeVoice-1.5B or VibeVoice-Large (7B)"
             )
         if kind not in ("vibevoice", "vibepod"):
-            raise ValueError(f"config.json has model_type {kind!r}; expected 'vibevoice' (or 'vibepod')")
+            raise ValueError(
+                f"config.json has model_type {kind!r}; expected 'vibevoice' (or 'vibepod')"
+            )
         lm = d["decoder_config"]
         if lm.get("model_type", "qwen2") != "qwen2":
-            raise ValueError(f"decoder_config.model_type is {lm.get('model_type')!r}; only qwen2 is supported")
+            raise ValueError(
+                f"decoder_config.model_type is {lm.get('model_type')!r}; only qwen2 is supported"
+            )
         if lm.get("use_sliding_window") or lm.get("rope_scaling"):
             raise ValueError("sliding-window attention and rope scaling are not supported")
         head = d["diffusion_head_config"]
@@ -159,7 +163,9 @@ def _codec(c: dict[str, Any], name: str) -> CodecConfig:
     decoder_depths = _depths(decoder) if decoder is not None else tuple(reversed(encoder_depths))
     ratios = tuple(c.get("encoder_ratios", c.get("decoder_ratios", (8, 5, 5, 4, 2, 2))))
     if tuple(c.get("decoder_ratios", ratios)) != ratios:
-        raise ValueError(f"{name}: encoder_ratios and decoder_ratios differ, which is not supported")
+        raise ValueError(
+            f"{name}: encoder_ratios and decoder_ratios differ, which is not supported"
+        )
     if c.get("encoder_n_filters", 32) != c.get("decoder_n_filters", c.get("encoder_n_filters", 32)):
         raise ValueError(f"{name}: encoder and decoder n_filters differ, which is not supported")
     return CodecConfig(

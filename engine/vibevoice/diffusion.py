@@ -12,29 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
+from .layers import SwiGLU, nest
 from .norm import RMSNorm
-
-
-class _SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _HeadLayer(nn.Module):
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.ffn = _SwiGLU(h, cfg.ffn_dim)
+        self.ffn = SwiGLU(h, cfg.ffn_dim)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 3 * h, bias=False))
 
@@ -59,7 +48,9 @@ class _FinalLayer(nn.Module):
 def timestep_features(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     """Sinusoidal features of t, [cos | sin], in fp32, then cast to t's dtype."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
 
@@ -73,7 +64,9 @@ class DiffusionHead(nn.Module):
         self.cfg = cfg
         self.noisy_images_proj = nn.Linear(cfg.latent_size, h, bias=False)
         self.cond_proj = nn.Linear(h, h, bias=False)
-        self.t_embedder = nest_mlp(h)
+        self.t_embedder = nest(
+            mlp=nn.Sequential(nn.Linear(256, h, bias=False), nn.SiLU(), nn.Linear(h, h, bias=False))
+        )
         self.layers = nn.ModuleList(_HeadLayer(cfg) for _ in range(cfg.layers))
         self.final_layer = _FinalLayer(cfg)
 
@@ -87,12 +80,6 @@ class DiffusionHead(nn.Module):
         for layer in self.layers:
             h = layer(h, c)
         return self.final_layer(h, c)
-
-
-def nest_mlp(h: int) -> nn.Module:
-    box = nn.Module()
-    box.mlp = nn.Sequential(nn.Linear(256, h, bias=False), nn.SiLU(), nn.Linear(h, h, bias=False))
-    return box
 
 
 @dataclass
@@ -114,7 +101,10 @@ class Schedule:
 
     @staticmethod
     def build(cfg: HeadConfig, steps: int) -> Schedule:
-        if cfg.beta_schedule not in ("cosine", "squaredcos_cap_v2") or cfg.prediction_type != "v_prediction":
+        if (
+            cfg.beta_schedule not in ("cosine", "squaredcos_cap_v2")
+            or cfg.prediction_type != "v_prediction"
+        ):
             raise ValueError("only the cosine schedule with v-prediction is implemented")
         n = cfg.train_steps
 
@@ -122,7 +112,8 @@ class Schedule:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         betas = torch.tensor(
-            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float32
+            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+            dtype=torch.float32,
         )
         cumprod = torch.cumprod(1.0 - betas, dim=0)
         timesteps = np.linspace(0, n - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -166,13 +157,20 @@ class Schedule:
         return len(self.timesteps)
 
     def to(self, device: torch.device | str) -> Schedule:
-        return Schedule(*(getattr(self, f).to(device) for f in ("timesteps", "alpha", "sigma", "ratio", "e", "k")))
+        return Schedule(
+            *(
+                getattr(self, f).to(device)
+                for f in ("timesteps", "alpha", "sigma", "ratio", "e", "k")
+            )
+        )
 
 
 class Sampler:
     """CFG sampling of one latent frame per stream, with everything per-step precomputed."""
 
-    def __init__(self, head: DiffusionHead, steps: int, device: torch.device | str, dtype: torch.dtype) -> None:
+    def __init__(
+        self, head: DiffusionHead, steps: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
         self.head = head
         self.schedule = Schedule.build(head.cfg, steps).to(device)
         with torch.no_grad():
@@ -183,8 +181,10 @@ class Sampler:
         self.second_order = [0 < i < steps_n - 1 for i in range(steps_n)]  # host-side: no syncs
 
     @torch.no_grad()
-    def sample(self, cond_pos: torch.Tensor, cond_neg: torch.Tensor, noise: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """cond_*: (N, H) LM hidden states; noise: (N, latent) → latent (N, latent), scaled space."""
+    def sample(
+        self, cond_pos: torch.Tensor, cond_neg: torch.Tensor, noise: torch.Tensor, cfg_scale: float
+    ) -> torch.Tensor:
+        """cond_*: (N, H) LM hidden states; noise: (N, latent) -> (N, latent), scaled space."""
         n = cond_pos.shape[0]
         s = self.schedule
         cond = self.head.cond_proj(torch.cat([cond_pos, cond_neg], dim=0))  # once per frame

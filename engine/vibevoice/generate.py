@@ -20,8 +20,8 @@ Two modes share this loop:
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -47,8 +47,16 @@ class Streams:
 class Runtime:
     """A loaded model with what every session shares: weights, tables, samplers."""
 
-    def __init__(self, model: VibeVoice, tok: TextTokenizer, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: VibeVoice,
+        tok: TextTokenizer,
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str = "vibevoice",
+    ) -> None:
         self.model = model
+        self.name = name  # `ready.model.name`: says which checkpoint (or random size) this is
         self.tok = tok
         self.device = device
         self.dtype = dtype
@@ -66,7 +74,9 @@ class Runtime:
 
     def sampler(self, steps: int) -> Sampler:
         if steps not in self._samplers:
-            self._samplers[steps] = Sampler(self.model.model.prediction_head, steps, self.device, self.dtype)
+            self._samplers[steps] = Sampler(
+                self.model.model.prediction_head, steps, self.device, self.dtype
+            )
         return self._samplers[steps]
 
     def embed(self, ids: list[int]) -> torch.Tensor:
@@ -85,7 +95,9 @@ class Runtime:
             batch[i, 0, : len(w)] = torch.from_numpy(w).to(self.dtype)
         mean = self.model.model.acoustic_tokenizer.encoder(batch).permute(0, 2, 1)  # (K, T, 64)
         if acoustic.std_dist_type == "gaussian":
-            std = torch.randn(len(wavs), generator=gen, device=self.device, dtype=self.dtype) * (acoustic.fix_std / 0.8)
+            std = torch.randn(len(wavs), generator=gen, device=self.device, dtype=self.dtype) * (
+                acoustic.fix_std / 0.8
+            )
             std = std[:, None, None]
         else:
             std = torch.tensor(acoustic.fix_std, device=self.device, dtype=self.dtype)
@@ -139,7 +151,9 @@ class Runtime:
         """One speech frame: (audio (3200,), next input embedding (1, H))."""
         m = self.model.model
         latent = self.sampler(steps).sample(s.h_pos, s.h_neg, noise, cfg_scale)  # (1, 64)
-        audio = m.acoustic_tokenizer.decoder.step((latent / self.scale - self.bias)[:, :, None], acoustic)
+        audio = m.acoustic_tokenizer.decoder.step(
+            (latent / self.scale - self.bias)[:, :, None], acoustic
+        )
         features = m.semantic_tokenizer.encoder.step(audio, semantic)[:, :, 0]  # (1, 128)
         emb = m.acoustic_connector(latent) + m.semantic_connector(features)
         return audio.reshape(-1), emb
@@ -258,7 +272,9 @@ FRAMES_SLACK = 60
 
 
 @torch.no_grad()
-def open_session(rt: Runtime, voices: list[np.ndarray], seed: int, cfg_scale: float, steps: int) -> VoiceSession:
+def open_session(
+    rt: Runtime, voices: list[np.ndarray], seed: int, cfg_scale: float, steps: int
+) -> VoiceSession:
     gen = torch.Generator(device=rt.device).manual_seed(seed)
     wavs = [normalize_voice(v) for v in voices]
     prompt = prefix_prompt(rt.tok, [voice_frames(len(w)) for w in wavs])
@@ -268,7 +284,9 @@ def open_session(rt: Runtime, voices: list[np.ndarray], seed: int, cfg_scale: fl
     acoustic, semantic = rt.codec_states()
     # The turns' encode stream reads this prefix; it was written on this thread's stream.
     rt.sync()
-    return VoiceSession(prefix, len(prompt.ids), [None, None], acoustic, semantic, gen, cfg_scale, steps)
+    return VoiceSession(
+        prefix, len(prompt.ids), [None, None], acoustic, semantic, gen, cfg_scale, steps
+    )
 
 
 @torch.no_grad()
@@ -279,7 +297,8 @@ def encode_turn(rt: Runtime, vs: VoiceSession, speaker: int, text: str, slot: in
     need = vs.prefix_len + len(ids) + max_frames + 1
     if need > rt.cfg.lm.max_position_embeddings:
         raise ValueError(
-            f"a turn of {len(ids)} tokens does not fit the model's {rt.cfg.lm.max_position_embeddings}"
+            f"a turn of {len(ids)} tokens does not fit the model's "
+            f"{rt.cfg.lm.max_position_embeddings}"
             "-position context with these voice prompts; split the turn"
         )
     cache = vs.slots[slot]
@@ -292,10 +311,19 @@ def encode_turn(rt: Runtime, vs: VoiceSession, speaker: int, text: str, slot: in
 
 
 @torch.no_grad()
-def render_turn(rt: Runtime, vs: VoiceSession, turn: EncodedTurn) -> Iterator[np.ndarray]:
+def render_turn(
+    rt: Runtime, vs: VoiceSession, turn: EncodedTurn
+) -> Generator[np.ndarray, None, None]:
     """The acoustic stage: frames until speech_end, 3200 samples each, as they are made."""
     for state in (*vs.acoustic, *vs.semantic):
         state.zero_()
     yield from rt.frames(
-        turn.streams, vs.gen, vs.cfg_scale, vs.steps, turn.max_frames + 1, vs.acoustic, vs.semantic, True
+        turn.streams,
+        vs.gen,
+        vs.cfg_scale,
+        vs.steps,
+        turn.max_frames + 1,
+        vs.acoustic,
+        vs.semantic,
+        True,
     )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .layers import SwiGLU
 from .norm import RMSNorm
 
 
@@ -27,9 +28,14 @@ class KVCache:
     v: torch.Tensor
 
     @staticmethod
-    def allocate(cfg: LMConfig, rows: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
+    def allocate(
+        cfg: LMConfig, rows: int, capacity: int, device: torch.device | str, dtype: torch.dtype
+    ) -> KVCache:
         shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return KVCache(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+        )
 
     @property
     def capacity(self) -> int:
@@ -41,9 +47,13 @@ class KVCache:
         self.v[:, row, :, :length].copy_(source.v[:, 0, :, :length])
 
 
-def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (R, T, head_dim), in fp32 then cast, half-split layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    )
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -59,7 +69,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         h, hd = cfg.hidden_size, cfg.head_dim
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.n_heads, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
         self.q_proj = nn.Linear(h, self.n_heads * hd, bias=True)
         self.k_proj = nn.Linear(h, self.n_kv * hd, bias=True)
         self.v_proj = nn.Linear(h, self.n_kv * hd, bias=True)
@@ -89,22 +103,11 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(r, t, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: LMConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -132,7 +135,13 @@ class Qwen2(nn.Module):
         mask = (span[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn(
-                layer.input_layernorm(x), cos, sin, cache.k[i, rows], cache.v[i, rows], positions, mask
+                layer.input_layernorm(x),
+                cos,
+                sin,
+                cache.k[i, rows],
+                cache.v[i, rows],
+                positions,
+                mask,
             )
             x = x + attn
             x = x + layer.mlp(layer.post_attention_layernorm(x))

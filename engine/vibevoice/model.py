@@ -1,13 +1,13 @@
 """The VibeVoice module tree, named exactly like the released checkpoints' tensors.
 
-    model.language_model.*      Qwen2 decoder (lm.py)
-    model.acoustic_tokenizer.*  σ-VAE encoder + decoder (codec.py)
-    model.semantic_tokenizer.*  semantic encoder (codec.py)
-    model.acoustic_connector.*  latent (64) -> LM space
-    model.semantic_connector.*  semantic features (128) -> LM space
-    model.prediction_head.*     diffusion head (diffusion.py)
-    model.speech_scaling_factor, model.speech_bias_factor   0-dim buffers from the checkpoint
-    lm_head.weight              only when embeddings are not tied (7B)
+model.language_model.*      Qwen2 decoder (lm.py)
+model.acoustic_tokenizer.*  σ-VAE encoder + decoder (codec.py)
+model.semantic_tokenizer.*  semantic encoder (codec.py)
+model.acoustic_connector.*  latent (64) -> LM space
+model.semantic_connector.*  semantic features (128) -> LM space
+model.prediction_head.*     diffusion head (diffusion.py)
+model.speech_scaling_factor, model.speech_bias_factor   0-dim buffers from the checkpoint
+lm_head.weight              only when embeddings are not tied (7B)
 """
 
 from __future__ import annotations

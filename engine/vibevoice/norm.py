@@ -12,7 +12,9 @@ class RMSNorm(nn.Module):
     `affine=False` is the diffusion head's final norm, which the checkpoint stores no weight for.
     """
 
-    def __init__(self, dim: int, eps: float, affine: bool = True, channels_first: bool = False) -> None:
+    def __init__(
+        self, dim: int, eps: float, affine: bool = True, channels_first: bool = False
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.axis = 1 if channels_first else -1

@@ -1,4 +1,5 @@
-"""Loading the official checkpoints: a local directory or a hub id, one file or shards.
+"""Loading the official checkpoints: a local directory or a hub id, one file or shards, and
+the runtime built from one (`load_runtime`), for the server and `vibecast synth` alike.
 
 The module tree is built on the meta device and every tensor is assigned straight from the
 safetensors files in the requested dtype, so no random init happens and no second copy is
@@ -14,7 +15,9 @@ import torch
 from safetensors import safe_open
 
 from .config import VibeVoiceConfig
+from .generate import Runtime
 from .model import VibeVoice
+from .tokenizer import TextTokenizer
 
 
 class CheckpointError(ValueError):
@@ -49,7 +52,9 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
         return {name: directory / file for name, file in weight_map.items()}
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+        raise CheckpointError(
+            f"{directory} has neither model.safetensors nor model.safetensors.index.json"
+        )
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
 
@@ -101,10 +106,14 @@ def load_model(
     return model
 
 
-CONFIGS = Path(__file__).resolve().parent  # vibevoice-1.5b.json, vibevoice-7b.json: the released dimensions
+CONFIGS = (
+    Path(__file__).resolve().parent
+)  # vibevoice-1.5b.json, vibevoice-7b.json: the released dimensions
 
 
-def random_model(size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> VibeVoice:
+def random_model(
+    size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0
+) -> VibeVoice:
     """A model of the released dimensions with random weights (`--model random:1.5b`), for
     measuring speed where the real weights cannot be had. Its audio is noise."""
     path = CONFIGS / f"vibevoice-{size}.json"
@@ -126,3 +135,44 @@ def random_model(size: str, device: torch.device | str, dtype: torch.dtype, seed
         model.model.speech_scaling_factor.fill_(0.2)
         model.model.speech_bias_factor.fill_(-0.05)
     return model.eval().requires_grad_(False)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible to torch; use --device cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype in ("bf16", "bfloat16"):
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                raise ValueError(
+                    f"--dtype bfloat16 needs an Ampere or newer GPU (compute capability 8.0+); "
+                    f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Use --dtype float32."
+                )
+        return torch.bfloat16
+    if dtype in ("fp32", "float32"):
+        return torch.float32
+    raise ValueError(f"--dtype {dtype}: use bfloat16 or float32")
+
+
+def load_runtime(model: str, device: str = "auto", dtype: str = "auto") -> Runtime:
+    """`--model`, `--device`, `--dtype` as given on the command line -> a ready runtime.
+
+    `model` is a directory, a hub id, or `random:SIZE` (released dimensions, random weights).
+    """
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if model.startswith("random:"):
+        size = model.split(":", 1)[1]
+        weights = random_model(size, dev, dt)
+        return Runtime(weights, TextTokenizer.placeholder(), dev, dt, f"vibevoice:random-{size}")
+    directory = resolve(model)
+    weights = load_model(directory, dev, dt)
+    return Runtime(weights, TextTokenizer.load(directory), dev, dt, f"vibevoice:{directory.name}")
