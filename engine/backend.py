@@ -1,10 +1,13 @@
 """What every speech backend provides, and the small types that cross the engine boundary.
 
-A backend turns one turn of a dialogue into audio in two stages, so that the pipeline
-(engine/pipeline.py) can run the text stage of turn i+1 while turn i is still being rendered:
+A backend turns one turn of a dialogue into audio in two stages:
 
     encode(session, turn, slot) -> Encoded      text stage: tokens/phonemes -> model state
     render(session, encoded)    -> Iterator[pcm] acoustic stage: audio chunks as they are made
+
+and hands the engine loop (engine/scheduler.py) a session's turns as units of work
+(`runner`): a stage or a chunk at a time, or, for a backend that batches sessions, one step
+of all of them.
 
 Per-model facts (sample rate, voices, modes) live on the backend; per-call settings live in
 `SynthesisParams` (Piper's split of PiperConfig vs SynthesisConfig).
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .lanes import Lanes
+if TYPE_CHECKING:
+    from .pipeline import TurnFeed
+    from .scheduler import Runner
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class SynthesisParams:
 
 
 class Backend(Protocol):
-    # Read-only members, so a backend may declare narrower types (CpuLanes, a 1-tuple of modes).
+    # Read-only members, so a backend may declare narrower types (a 1-tuple of modes).
     @property
     def name(self) -> str:
         """Model name echoed in `ready.model.name`."""
@@ -78,10 +83,6 @@ class Backend(Protocol):
     @property
     def modes(self) -> tuple[str, ...]:
         """Generation modes; the first is the default."""
-
-    @property
-    def lanes(self) -> Lanes:
-        """Where encode and render run (CPU threads or CUDA streams)."""
 
     def voices(self) -> list[Voice]: ...
 
@@ -101,6 +102,12 @@ class Backend(Protocol):
         """Acoustic stage: mono float32 chunks at `sample_rate`, in order."""
 
     def close_session(self, session: Any) -> None: ...
+
+    def runner(self, session: Any, feed: TurnFeed) -> Runner:
+        """The session's turns as units of work for the engine loop (engine/scheduler.py)."""
+
+    def realtime_capacity(self) -> int:
+        """Sessions this backend keeps in real time at once on this machine (from warm-up)."""
 
     def seconds_per_char(self) -> float:
         """A generous estimate of audio seconds per character, to refuse over-long scripts early."""

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,10 @@ import numpy as np
 
 from ..protocol.messages import Code, ProtocolError
 from .backend import SpeakerVoice, SynthesisParams, Turn, Voice
-from .lanes import CpuLanes
+from .pipeline import TurnFeed
 from .pitch import median_f0
 from .resample import Resampler
+from .scheduler import TurnRunner, capacity_from_speed
 
 SAMPLE_RATE = 24000
 CONTEXT = 16  # z frames decoded on each side of a window and thrown away
@@ -188,7 +190,7 @@ class PiperBackend:
         self._dec = ort.InferenceSession(dec, _options(cores), providers=providers)
         self._phonemizer = EspeakPhonemizer(ESPEAK_DATA_DIR)
         self._phonemize_lock = threading.Lock()  # espeak-ng keeps global state
-        self.lanes = CpuLanes()
+        self._capacity = 1  # measured by warmup()
         self._styles = {s.id: s for s in STYLES}
 
     # -- catalogue and sessions ------------------------------------------------------------
@@ -313,3 +315,16 @@ class PiperBackend:
         )
         for _ in self.render(session, self.encode(session, Turn(0, 0, "Warming up."), 0)):
             pass
+        # Then measure a sentence of a few seconds, warm, to know the machine's capacity.
+        text = "A sentence long enough to measure how fast this machine speaks, warm and steady."
+        start = time.perf_counter()
+        samples = sum(
+            len(x) for x in self.render(session, self.encode(session, Turn(1, 0, text), 1))
+        )
+        self._capacity = capacity_from_speed(samples / SAMPLE_RATE, time.perf_counter() - start)
+
+    def runner(self, session: PiperSession, feed: TurnFeed) -> TurnRunner:
+        return TurnRunner(self, session, feed)
+
+    def realtime_capacity(self) -> int:
+        return self._capacity

@@ -113,7 +113,12 @@ def create_app(
         )
         state.metrics.track_active(state.sessions.active_count)
         state.metrics.engine_ready.set(1)
-        log.info("engine %s ready (%d voices)", backend.name, len(catalogue))
+        log.info(
+            "engine %s ready (%d voices, %d sessions at once)",
+            backend.name,
+            len(catalogue),
+            state.sessions.capacity,
+        )
         state.ready.set()
         try:
             yield
@@ -123,8 +128,9 @@ def create_app(
             sessions = list(state.sessions.sessions.values())
             for session in sessions:
                 session.stop()
-            # Let engine threads finish their current chunk before the event loop goes away.
+            # Let the engine loop finish its current unit before the event loop goes away.
             await asyncio.to_thread(lambda: [s.join(10) for s in sessions])
+            await asyncio.to_thread(state.sessions.scheduler.close)
             state.archive.close()
 
     def authorized(request: Request | WebSocket) -> str | None | Literal[False]:
@@ -203,7 +209,11 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         ready = state.backend is not None and not state.draining
-        body = {"ready": ready, "model": state.backend.name if state.backend else None}
+        body = {
+            "ready": ready,
+            "model": state.backend.name if state.backend else None,
+            "capacity": state.sessions.capacity if state.sessions else None,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:

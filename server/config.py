@@ -46,8 +46,9 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     limits: Limits = field(default_factory=Limits)
-    max_sessions: int = 4
-    """Sessions generating at once; more wait in the queue."""
+    max_sessions: int = 0
+    """Sessions generating at once; more wait in the queue. 0: as many as the engine measured
+    at start-up that it keeps in real time on this machine."""
     max_queue: int = 32
     """Sessions that may wait; past this a start is refused with `busy`."""
     resume_grace_s: float = 60.0

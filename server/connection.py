@@ -269,7 +269,7 @@ class Connection:
                 try:
                     await session.open()
                 except ProtocolError as e:
-                    self.hub.forget(session)
+                    self.hub.end(session, refused=e)
                     self.session = None
                     await self.send_error(e)
                     self.phase = Phase.AWAITING_START
@@ -291,20 +291,16 @@ class Connection:
             if session.epoch != self._epoch:  # a newer connection took the session over
                 session.requeue(frame)
                 break
-            if frame.marker is None:
-                data = frame.data
-                assert data is not None
-            else:
-                data = session.build_marker(frame).pack()
+            data = session.terminal_message().pack() if frame.data is None else frame.data
             if frame.seq is not None:
                 session.counters.last_sent_seq = frame.seq
             try:
                 await self._send(data)
             except BaseException:  # the socket dropped, or this task was cancelled mid-send
-                if frame.marker is None:
-                    session.sent(frame)  # it may have reached the client: keep it for resume
-                else:
+                if frame.terminal:
                     session.requeue(frame)
+                else:
+                    session.sent(frame)  # it may have reached the client: keep it for resume
                 raise
             session.sent(frame)
             metrics = self.hub.metrics
@@ -313,11 +309,12 @@ class Connection:
                 if frame.seq == 0:
                     ttfa = session.counters.first_audio_at - session.counters.started
                     metrics.ttfa.observe(ttfa)
-            if frame.marker is not None:
-                self.hub.finished(session)
+            if frame.terminal:
+                session.delivered = True
+                self.hub.end(session)
                 code = 1000
-                if frame.error is not None:
-                    code = CLOSE_CODE.get(Code(frame.error.code), 1008)
+                if session.error is not None:
+                    code = CLOSE_CODE.get(Code(session.error.code), 1008)
                 await self.close(code)
                 raise _Closed
 
@@ -330,7 +327,6 @@ class Connection:
                 msg = parse_client(data, len(session.spec.speakers), session.feed.total)
                 if isinstance(msg, Cancel):
                     session.cancel()
-                    await self.hub.wake_queue()
                 elif isinstance(msg, Playback):
                     session.playback(msg.played_ms)
                     lead = session.sent_ms - msg.played_ms

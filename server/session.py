@@ -1,18 +1,23 @@
 """One session: a script being spoken, from `ready` to `done`. It outlives its socket (resume).
 
-Threads and tasks:
-- the engine thread runs the turn pipeline and the output stage (resampling, Opus) and posts
-  each finished message to the event loop;
+Where its work happens:
+- the engine loop (engine/scheduler.py) runs its turns, unit by unit, whenever the session
+  wants audio and no other session's listener is closer to running dry; this object is the
+  loop's `Sink` for it;
+- its output stage (resampling, Opus, packing) runs on a small shared worker pool, one unit
+  after another in order, and posts each finished message to the event loop;
 - the event loop holds the outbox (messages made, not yet sent) and the writer of whichever
   connection is attached; sent messages go to the store's ring for resume.
 
-Flow control: the engine thread waits before each audio message while the session holds more
-than `send_buffer_ms` of unsent audio, is more than `max_lead_ms` ahead of the client's last
-`playback`, or has no connection (detached, waiting for `resume`). A stalled or absent reader
-therefore pauses generation with bounded memory and no compute.
+Flow control: the session wants audio only while it holds at most `send_buffer_ms` of audio the
+socket has not taken, is at most `max_lead_ms` ahead of the client's last `playback`, and has a
+connection. Otherwise the loop leaves it alone: a stalled, slow or absent reader pauses its
+generation, with bounded memory and no compute.
 
-Terminal messages (`done`, `cancelled`, fatal `error`) are markers built when they are sent,
-so `cancelled.last_seq` names the last audio frame that really went out and no audio follows.
+Its life ends in one `Outcome`: `conclude` records how generation ended (done, cancelled,
+failed) and queues the terminal message, which is built when it is sent, so `cancelled.last_seq`
+names the last audio frame that really went out and no audio follows; the server's
+`Sessions.end` then frees everything once that message is delivered or nobody came back for it.
 """
 
 from __future__ import annotations
@@ -25,12 +30,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
-from ..engine.pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted, run_turns
-from ..protocol.messages import Audio, Cancelled, Code, Done, Error, Message, ProtocolError, Ready
+from ..engine.pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
+from ..engine.scheduler import Entry, Scheduler
+from ..protocol.messages import (
+    Audio,
+    Cancelled,
+    Code,
+    Done,
+    Error,
+    Message,
+    ProtocolError,
+    Ready,
+)
 from .archive import Archive
 from .output import AudioOutput, OutputFormat
 from .store import RingFrame, SessionStore
@@ -42,12 +58,16 @@ class State(enum.Enum):
     QUEUED = "queued"
     OPENING = "opening"  # engine session being prepared (voice prompts, caches)
     STREAMING = "streaming"
-    FINISHED = "finished"  # every message made; some may still wait to be sent
-    CANCELLED = "cancelled"
-    FAILED = "failed"
+    CONCLUDED = "concluded"  # its outcome is known; the terminal message may wait to be sent
 
 
-ENDED = (State.FINISHED, State.CANCELLED, State.FAILED)
+class Outcome(enum.Enum):
+    """How a session ended: the `outcome` label of metrics and of the session_end log line."""
+
+    DONE = "done"  # every turn spoken; `done` queued
+    CANCELLED = "cancelled"  # the client cancelled; `cancelled` queued
+    FAILED = "failed"  # a fatal `error` queued (its code is in `Session.error`)
+    ABANDONED = "abandoned"  # its socket dropped and no resume came within the grace
 
 
 @dataclass
@@ -65,13 +85,15 @@ class SessionSpec:
 
 @dataclass
 class OutFrame:
-    data: bytes | None  # packed message; None for a marker built at send time
+    data: bytes | None  # packed message; None for the terminal message, built at send time
     seq: int | None = None  # audio seq
     samples: int = 0
     end_pts: int = 0
     replay: bool = True  # kept in the ring for resume
-    marker: str | None = None  # "done" | "cancelled" | "error"
-    error: Error | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.data is None
 
 
 @dataclass
@@ -79,13 +101,43 @@ class Counters:
     started: float = field(default_factory=time.monotonic)
     ready_at: float = 0.0
     first_audio_at: float = 0.0
-    engine_busy_s: float = 0.0  # time the engine thread spent computing (not waiting)
-    generated: int = 0  # samples made
+    engine_busy_s: float = 0.0  # the engine loop's compute time for this session
+    made: int = 0  # samples the engine made, at its own rate (flow control reads this)
+    generated: int = 0  # samples encoded into messages, at the output rate
     sent: int = 0  # samples written to a socket
     played_ms: int | None = None
+    played_at: float = 0.0  # when played_ms was reported
     turns_done: int = 0
     last_sent_seq: int = -1
     next_index: int = 0  # index of the next replayable frame
+
+
+class Serial:
+    """Runs one session's output work in order on a shared pool, so a few threads serve every
+    session's output and no session's Opus encoding runs on the engine loop."""
+
+    def __init__(self, pool: Executor) -> None:
+        self._pool = pool
+        self._queue: deque[Callable[[], None]] = deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._queue.append(fn)
+            if self._running:
+                return
+            self._running = True
+        self._pool.submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    return
+                fn = self._queue.popleft()
+            fn()
 
 
 class Session:
@@ -93,35 +145,41 @@ class Session:
         self,
         spec: SessionSpec,
         backend: Backend,
+        scheduler: Scheduler,
+        output_pool: Executor,
         store: SessionStore,
         archive: Archive,
         limits: Any,
         send_buffer_ms: int,
-        on_end: Callable[[Session], None],
+        on_concluded: Callable[[Session], None],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.token = secrets.token_urlsafe(24)
         self.spec = spec
         self.backend = backend
+        self.scheduler = scheduler
         self.store = store
         self.archive = archive
         self.limits = limits
         self.send_buffer_ms = send_buffer_ms
-        self.on_end = on_end
+        self.on_concluded = on_concluded  # the server frees the session's engine slot
         self.on_change = on_change  # told when the engine pauses or resumes (tests wait on it)
         self.state = State.QUEUED
+        self.outcome: Outcome | None = None
+        self.error: Error | None = None  # the fatal error of a FAILED session
         self.counters = Counters()
         self.feed = TurnFeed(spec.turns, spec.more)
         self.output = AudioOutput(spec.format, backend.sample_rate)
         self.engine_session: Any = None
-        self.outcome = ""  # for the log line at the end
+        self._entry: Entry | None = None
+        self._output = Serial(output_pool)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: deque[OutFrame] = deque()
         self._wake = asyncio.Event()
         self._stop = threading.Event()
-        self._room = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._last_turn = -1
+        self._closed_as_last = False  # the last turn ended knowing it was last (flush included)
         self.attached = False  # a connection is writing for it; when not, generation pauses
         self.connection: Any = None  # the attached connection, closed when a resume takes over
         self.epoch = 0  # bumped by each connection that attaches; older writers stop
@@ -129,7 +187,7 @@ class Session:
         self.delivered = False  # the terminal message reached a socket
         self.touched = time.monotonic()  # last start or append with turns, for the idle check
         self.chars = sum(len(t.text) for t in spec.turns)
-        self.paused = False  # the engine is waiting for the client (flow control)
+        self.paused = False  # the engine loop holds it for the client (flow control)
         store.register(self.id, self.token)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -139,9 +197,9 @@ class Session:
         self.state = State.OPENING
         self._loop = asyncio.get_running_loop()
         spec = self.spec
-        self.engine_session = await asyncio.to_thread(
-            self.backend.open_session, spec.speakers, spec.params
-        )
+        # Opening touches the model (voice prompts): a job on the engine loop.
+        job = self.scheduler.call(lambda: self.backend.open_session(spec.speakers, spec.params))
+        self.engine_session = await asyncio.wrap_future(job)
         self.state = State.STREAMING
         self.counters.ready_at = time.monotonic()
 
@@ -164,79 +222,72 @@ class Session:
         if self.spec.format.codec == "opus":
             rate = self.spec.format.sample_rate
             self.archive.begin(self.id, self.output.pre_skip, rate, owner=self.spec.client)
-        self._thread = threading.Thread(
-            target=self._produce, name=f"session-{self.id}", daemon=True
-        )
-        self._thread.start()
+        runner = self.backend.runner(self.engine_session, self.feed)
+        self._entry = self.scheduler.add(runner, self)
 
     def join(self, timeout: float) -> bool:
-        """Wait for the engine thread to exit; True once it has (tests and shutdown use this)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+        """Wait until the engine loop has let go of the session; True once it has."""
+        if self._entry is None:
+            return True
+        return self._entry.closed.wait(timeout)
 
     def stop(self) -> None:
-        """Stop generating and free the engine's memory (the thread exits at its next chunk)."""
+        """Stop generating; the engine loop frees the session's state in the model."""
         self._stop.set()
         self.feed.close()
-        with self._room:
-            self._room.notify_all()
+        if self._entry is not None:
+            self.scheduler.remove(self._entry)
+        elif self.engine_session is not None:  # opened, never started: free it on the loop
+            engine_session, self.engine_session = self.engine_session, None
+            self.scheduler.call(lambda: self.backend.close_session(engine_session))
 
-    def abandon(self) -> None:
-        """Nobody came back for it: stop quietly (no message can be delivered)."""
-        if self.state not in ENDED:
-            self.state = State.CANCELLED
-            self.outcome = "abandoned"
-            self.stop()
-            self._finished()
-        else:
-            self.stop()
+    def conclude(self, outcome: Outcome, error: Error | None = None) -> None:
+        """On the event loop: how generation ended. Stops it, queues the terminal message and
+        frees the session's engine slot; only a `done` not yet delivered may still turn into
+        `cancelled`."""
+        if self.outcome is not None and not (
+            self.outcome is Outcome.DONE and outcome is Outcome.CANCELLED
+        ):
+            return
+        first = self.outcome is None
+        self.state = State.CONCLUDED
+        self.outcome, self.error = outcome, error
+        self.stop()
+        if outcome is Outcome.CANCELLED:  # unsent audio is dropped: only the close follows
+            self._outbox = deque(f for f in self._outbox if f.seq is None and not f.terminal)
+        elif outcome is Outcome.DONE:
+            self.archive.finish(self.id, self.output.pts)
+        if outcome is not Outcome.ABANDONED:
+            self._push(OutFrame(None, replay=outcome is Outcome.DONE))
+        if first:
+            self.on_concluded(self)
 
     def cancel(self) -> None:
-        if self.state in ENDED and self.state is not State.FINISHED:
-            return
-        was_finished = self.state is State.FINISHED
-        self.state = State.CANCELLED
-        self.outcome = "cancelled"
-        self.stop()
-        # Unsent audio is dropped: nothing follows `cancelled` but the close.
-        self._outbox = deque(f for f in self._outbox if f.seq is None and f.marker is None)
-        self._push(OutFrame(None, marker="cancelled", replay=False))
-        if not was_finished:
-            self._finished()
+        self.conclude(Outcome.CANCELLED)
 
     def fail(self, code: Code, message: str) -> None:
         """End the session with a fatal error sent after what is already queued."""
-        if self.state in ENDED:
-            return
-        self.state = State.FAILED
-        self.outcome = code.value
-        self.stop()
-        self._push(OutFrame(None, marker="error", replay=False, error=Error(code, message, True)))
-        self._finished()
-
-    def _finished(self) -> None:
-        self.on_end(self)
+        self.conclude(Outcome.FAILED, Error(code, message, True))
 
     # -- what the connection calls -------------------------------------------------------------
 
     def set_attached(self, attached: bool) -> None:
         """A connection took the session, or let it go (generation pauses until one takes it)."""
         self.attached = attached
-        with self._room:
-            self._room.notify_all()
+        self.scheduler.wake()
 
     def append(self, turns: list[Turn], more: bool) -> int:
         self.chars += sum(len(t.text) for t in turns)
         if turns:  # an empty append is not activity: it must not keep an open script alive
             self.touched = time.monotonic()
-        return self.feed.add(turns, more)
+        total = self.feed.add(turns, more)
+        self.scheduler.wake()
+        return total
 
     def playback(self, played_ms: int) -> None:
         self.counters.played_ms = played_ms
-        with self._room:
-            self._room.notify_all()
+        self.counters.played_at = time.monotonic()
+        self.scheduler.wake()
 
     async def next_frame(self) -> OutFrame:
         while not self._outbox:
@@ -252,13 +303,12 @@ class Session:
     def replay_after(self, last_seq: int) -> list[RingFrame] | None:
         return self.store.ring_after(self.id, last_seq)
 
-    def build_marker(self, frame: OutFrame) -> Message:
-        c = self.counters
-        if frame.marker == "cancelled":
-            return Cancelled(c.last_sent_seq)
-        if frame.marker == "error":
-            assert frame.error is not None
-            return frame.error
+    def terminal_message(self) -> Message:
+        if self.outcome is Outcome.CANCELLED:
+            return Cancelled(self.counters.last_sent_seq)
+        if self.outcome is Outcome.FAILED:
+            assert self.error is not None
+            return self.error
         rate = self.spec.format.sample_rate
         return Done(
             samples=self.output.pts,
@@ -284,8 +334,7 @@ class Session:
             self.store.ring_trim(
                 self.id, frame.end_pts - keep_ms * self.spec.format.sample_rate // 1000
             )
-        with self._room:
-            self._room.notify_all()
+        self.scheduler.wake()
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
@@ -306,109 +355,117 @@ class Session:
     def sent_ms(self) -> int:
         return self.counters.sent * 1000 // self.spec.format.sample_rate
 
-    # -- the engine thread ---------------------------------------------------------------------
+    # -- the engine loop's sink (called on the loop's thread) -----------------------------------
 
-    def _push(self, frame: OutFrame) -> None:
-        """On the event loop: queue a frame for the writer."""
-        if frame.seq is not None and self.state is State.CANCELLED:
-            return  # made after cancel: dropped
-        self._outbox.append(frame)
-        self._wake.set()
+    def lead_s(self) -> float:
+        """Audio made and not yet heard. Before any `playback`, the listener is taken to play
+        from the first audio sent in real time; before any audio, the wait since `ready` counts
+        against the session, so new sessions go first."""
+        c = self.counters
+        now = time.monotonic()
+        made = c.made / self.backend.sample_rate
+        if c.played_ms is not None:
+            heard = c.played_ms / 1000 + (now - c.played_at)
+        elif c.first_audio_at:
+            heard = now - c.first_audio_at
+        else:
+            heard = now - c.ready_at
+        return made - heard
 
-    def _post(self, message: Message, samples: int = 0, replay: bool = True) -> None:
-        """From the engine thread: pack and hand a message to the event loop."""
-        if self._stop.is_set():
-            return  # the session is ending: nothing more will be sent
-        seq = message.seq if isinstance(message, Audio) else None
-        frame = OutFrame(message.pack(), seq, samples, self.output.pts, replay)
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._push, frame)
-
-    def _room_for_more(self) -> bool:
-        if self._stop.is_set():
-            return True
-        if not self.attached:
+    def wants_more(self) -> bool:
+        if self._stop.is_set() or not self.attached:
             return False
         c = self.counters
-        rate = self.spec.format.sample_rate
-        if (c.generated - c.sent) * 1000 // rate > self.send_buffer_ms:
+        made_ms = c.made * 1000 // self.backend.sample_rate
+        if made_ms - self.sent_ms > self.send_buffer_ms:
             return False
-        if (
-            c.played_ms is not None
-            and c.generated * 1000 // rate - c.played_ms > self.limits.max_lead_ms
-        ):
-            return False
-        return True
+        return c.played_ms is None or made_ms - c.played_ms <= self.limits.max_lead_ms
 
-    def _produce(self) -> None:
-        out = self.output
-        rate = self.spec.format.sample_rate
-        max_samples = int(self.limits.max_audio_s * rate)
-        last_turn = -1
-        closed_as_last = False  # the last turn ended knowing it was last (flush included)
-        tick = time.monotonic()
+    def hold(self, held: bool) -> None:
+        # Through the output stage, so that `paused` is seen after the audio made before it.
+        def note() -> None:
+            self.paused = held
+            self.on_change()
+
+        self._output.submit(note)
+
+    def put(self, events: list[PipelineEvent], busy_s: float) -> None:
+        self.counters.engine_busy_s += busy_s
+        for e in events:
+            if isinstance(e, TurnAudio):
+                self.counters.made += len(e.pcm)
+        self._output.submit(lambda: self._guarded(self._emit, events))
+
+    def end(self, error: BaseException | None) -> None:
+        self._output.submit(lambda: self._guarded(self._engine_done, error))
+
+    # -- the output stage (one session's work in order, on the output pool) ---------------------
+
+    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._stop.is_set():
+            return  # the session is ending: nothing more will be sent
         try:
-            for event in run_turns(self.backend, self.engine_session, self.feed, self._stop):
-                now = time.monotonic()
-                self.counters.engine_busy_s += now - tick
-                if isinstance(event, TurnStarted):
-                    t = event.turn
-                    self._post(out.turn_start(t.index, t.speaker, t.text))
-                elif isinstance(event, TurnAudio):
-                    msg = out.audio(event.turn, event.pcm)
-                    if msg is not None:
-                        self._send_audio(msg)
-                elif isinstance(event, TurnEnded):
-                    last = self.feed.complete and event.turn == self.feed.total - 1
-                    msg, end = out.turn_end(event.turn, last)
-                    if msg is not None:
-                        self._send_audio(msg)
-                    self._post(end)
-                    self.counters.turns_done += 1
-                    last_turn, closed_as_last = event.turn, last
-                if out.pts > max_samples:
-                    raise ProtocolError(
-                        Code.TOO_LONG,
-                        f"the audio passed limits.max_audio_s ({self.limits.max_audio_s:.0f} s) "
-                        f"at turn {last_turn + 1}; split the script into several sessions.",
-                        field="turns",
-                        turn=last_turn + 1,
-                        fatal=True,
-                    )
-                with self._room:  # pause here while the client is far enough behind
-                    if not self._room_for_more():
-                        self.paused = True
-                        self.on_change()
-                        self._room.wait_for(self._room_for_more)
-                        self.paused = False
-                        self.on_change()
-                tick = time.monotonic()
-            if not self._stop.is_set():
-                tail = None if closed_as_last else out.end_of_stream(last_turn)
-                if tail is not None:
-                    self._send_audio(tail)
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._complete)
+            fn(*args)
         except ProtocolError as e:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self.fail, e.code, e.message)
-        except BaseException as e:  # noqa: BLE001 - the engine worker's boundary: anything else
-            log.exception("session %s failed in the engine", self.id)
-            kind = "out of memory" if "out of memory" in str(e).lower() else type(e).__name__
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(
-                    self.fail,
-                    Code.INTERNAL,
-                    f"the server failed while generating this session ({kind}); this is a bug "
-                    f"in vibecast, logged as session {self.id}. Other sessions are not affected.",
+            self._on_loop(self.fail, e.code, e.message)
+        except BaseException as e:  # noqa: BLE001 - the output stage's boundary
+            self._internal(e)
+
+    def _internal(self, e: BaseException) -> None:
+        log.error("session %s failed in the engine", self.id, exc_info=e)
+        kind = (
+            "out of memory"
+            if isinstance(e, MemoryError) or "out of memory" in str(e)
+            else (type(e).__name__)
+        )
+        self._on_loop(
+            self.fail,
+            Code.INTERNAL,
+            f"the server failed while generating this session ({kind}); this is a bug in "
+            f"vibecast, logged as session {self.id}. Other sessions are not affected.",
+        )
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _emit(self, events: list[PipelineEvent]) -> None:
+        out = self.output
+        for event in events:
+            if isinstance(event, TurnStarted):
+                t = event.turn
+                self._post(out.turn_start(t.index, t.speaker, t.text))
+            elif isinstance(event, TurnAudio):
+                msg = out.audio(event.turn, event.pcm)
+                if msg is not None:
+                    self._send_audio(msg)
+            elif isinstance(event, TurnEnded):
+                last = self.feed.complete and event.turn == self.feed.total - 1
+                msg, end = out.turn_end(event.turn, last)
+                if msg is not None:
+                    self._send_audio(msg)
+                self._post(end)
+                self.counters.turns_done += 1
+                self._last_turn, self._closed_as_last = event.turn, last
+            if out.pts > int(self.limits.max_audio_s * self.spec.format.sample_rate):
+                raise ProtocolError(
+                    Code.TOO_LONG,
+                    f"the audio passed limits.max_audio_s ({self.limits.max_audio_s:.0f} s) "
+                    f"at turn {self._last_turn + 1}; split the script into several sessions.",
+                    field="turns",
+                    turn=self._last_turn + 1,
+                    fatal=True,
                 )
-        finally:
-            try:
-                if self.engine_session is not None:
-                    self.backend.close_session(self.engine_session)
-            finally:
-                self.engine_session = None
-                out.close()
+
+    def _engine_done(self, error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+        if not self._closed_as_last:
+            tail = self.output.end_of_stream(self._last_turn)
+            if tail is not None:
+                self._send_audio(tail)
+        self.output.close()
+        self._on_loop(self.conclude, Outcome.DONE)
 
     def _send_audio(self, msg: Audio) -> None:
         self.counters.generated += msg.samples
@@ -416,11 +473,15 @@ class Session:
             self.archive.write(self.id, msg.packets)
         self._post(msg, msg.samples)
 
-    def _complete(self) -> None:
-        if self.state is not State.STREAMING:
-            return
-        self.state = State.FINISHED
-        self.outcome = "done"
-        self.archive.finish(self.id, self.output.pts)
-        self._push(OutFrame(None, marker="done", replay=True))
-        self._finished()
+    def _post(self, message: Message, samples: int = 0, replay: bool = True) -> None:
+        """From the output stage: pack and hand a message to the event loop."""
+        seq = message.seq if isinstance(message, Audio) else None
+        frame = OutFrame(message.pack(), seq, samples, self.output.pts, replay)
+        self._on_loop(self._push, frame)
+
+    def _push(self, frame: OutFrame) -> None:
+        """On the event loop: queue a frame for the writer."""
+        if frame.seq is not None and self.outcome is Outcome.CANCELLED:
+            return  # made after cancel: dropped
+        self._outbox.append(frame)
+        self._wake.set()

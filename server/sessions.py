@@ -20,13 +20,14 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
+from ..engine.scheduler import Scheduler
 from ..engine.voice_audio import decode_voice_audio
 from ..protocol.messages import Code, ProtocolError, Start, TurnSpec
 from .archive import Archive
 from .config import ServerConfig
 from .metrics import Metrics
 from .output import OutputFormat
-from .session import ENDED, Session, SessionSpec, State
+from .session import Outcome, Session, SessionSpec, State
 from .store import SessionStore
 
 log = logging.getLogger("vibecast.sessions")
@@ -51,6 +52,12 @@ class Sessions:
         self.catalogue = catalogue  # voice id -> description
         self.sessions: dict[str, Session] = {}
         self.running: set[str] = set()  # sessions holding an engine slot
+        # How many sessions generate at once: set, or what the backend measured at warm-up it
+        # keeps in real time on this machine.
+        self.capacity = config.max_sessions or backend.realtime_capacity()
+        self.scheduler = Scheduler(backend.name)
+        # Resampling and Opus for every session: a couple of threads, not one per session.
+        self._output = ThreadPoolExecutor(max_workers=2, thread_name_prefix="output")
         self._queue_changed = asyncio.Condition()
         self._starts: dict[str, deque[float]] = {}
         self._recent_walls: deque[float] = deque(maxlen=20)
@@ -184,11 +191,13 @@ class Sessions:
         session = Session(
             spec,
             self.backend,
+            self.scheduler,
+            self._output,
             self.store,
             self.archive,
             self.limits,
             self.config.send_buffer_ms,
-            on_end=self._ended,
+            on_concluded=self._concluded,
             on_change=self._changed,
         )
         self.sessions[session.id] = session
@@ -197,23 +206,21 @@ class Sessions:
 
     def _has_slot(self, session_id: str) -> bool:
         queue = self.store.queue()
-        return len(self.running) < self.config.max_sessions and queue[:1] == [session_id]
+        return len(self.running) < self.capacity and queue[:1] == [session_id]
 
     async def admit(
         self, session: Session, on_position: Callable[[int, float | None], Awaitable[None]]
     ) -> None:
         """Wait for an engine slot, first come first served, reporting the queue position."""
-        if (
-            len(self.store.queue()) >= self.config.max_queue
-            and len(self.running) >= self.config.max_sessions
-        ):
-            self.forget(session)
-            raise ProtocolError(
+        if len(self.store.queue()) >= self.config.max_queue and len(self.running) >= self.capacity:
+            error = ProtocolError(
                 Code.BUSY,
-                f"the server is at capacity and {self.config.max_queue} sessions are already "
-                "waiting; try again in a minute.",
+                f"the server is at capacity ({self.capacity} sessions generating) and "
+                f"{self.config.max_queue} sessions are already waiting; try again in a minute.",
                 fatal=True,
             )
+            self.end(session, error)
+            raise error
         self.store.enqueue(session.id)
         self.metrics.queued.inc()
         try:
@@ -236,28 +243,24 @@ class Sessions:
         if not self._recent_walls:
             return None
         mean = sum(self._recent_walls) / len(self._recent_walls)
-        return round(mean * position / self.config.max_sessions, 1)
-
-    async def wake_queue(self) -> None:
-        await self._notify()
+        return round(mean * position / self.capacity, 1)
 
     async def _notify(self) -> None:
         async with self._queue_changed:
             self._queue_changed.notify_all()
 
-    def _ended(self, session: Session) -> None:
-        """Called on the event loop when a session reaches a terminal state."""
+    def _release(self, session: Session) -> None:
+        """The session stops holding an engine slot: the next in line may start."""
         if session.id in self.running:
             self.running.discard(session.id)
-            self._recent_walls.append(time.monotonic() - session.counters.ready_at)
-        self._changed()
-        asyncio.get_running_loop().create_task(self._notify())
+            asyncio.get_running_loop().create_task(self._notify())
 
-    def finished(self, session: Session) -> None:
-        """The session's terminal message went out: account for it and free everything."""
-        session.delivered = True
-        self._account(session)
-        self.forget(session)
+    def _concluded(self, session: Session) -> None:
+        """On the event loop: the session's outcome is known; its generation has stopped."""
+        if session.id in self.running:
+            self._recent_walls.append(time.monotonic() - session.counters.ready_at)
+        self._release(session)
+        self._changed()
 
     def detached(self, session: Session) -> None:
         """The connection that had the session let go of it (closed or dropped)."""
@@ -267,12 +270,10 @@ class Sessions:
         if not session.announced or self.config.resume_grace_s <= 0:
             # Its resume token never reached a client (queued, opening, or open failed), so
             # nobody can come back for it: free it now rather than after the grace period.
-            self._abandon(session)
+            self.end(session)
             return
         # Paused (Session.attached is False) and out of the count that admits new sessions.
-        if session.id in self.running:
-            self.running.discard(session.id)
-            asyncio.get_running_loop().create_task(self._notify())
+        self._release(session)
         self.metrics.detached.set(self.detached_count())
         epoch = session.epoch
         asyncio.get_running_loop().call_later(
@@ -281,43 +282,58 @@ class Sessions:
 
     def reattached(self, session: Session) -> None:
         """A `resume` took the session: it generates again at once, ahead of the queue."""
-        if session.state not in ENDED:
+        if session.state is not State.CONCLUDED:
             self.running.add(session.id)
         self.metrics.detached.set(self.detached_count())
 
     def _expire(self, session: Session, epoch: int) -> None:
         if session.id in self.sessions and session.epoch == epoch and not session.attached:
-            self._abandon(session)
+            self.end(session)
 
     def crashed(self, session: Session) -> None:
-        """The connection's boundary caught a bug: end the session as `internal` and free it."""
+        """The connection's boundary caught a bug; it sends the error itself."""
+        if session.id in self.sessions:
+            session.fail(Code.INTERNAL, "the connection failed")
+            session.delivered = True
+            self.end(session)
+
+    def end(self, session: Session, refused: ProtocolError | None = None) -> None:
+        """The one end of every session: its terminal message was delivered (`delivered`), it
+        was refused before it started (`refused`), or nobody came back for it. Records the
+        outcome, stops the engine, frees its slot, queue place, resume state and archive entry,
+        and writes the session_end line."""
         if session.id not in self.sessions:
             return
-        session.fail(Code.INTERNAL, "the connection failed")
-        session.delivered = True  # the connection sends the error itself
+        if session.outcome is None:
+            if refused is not None:
+                session.conclude(Outcome.FAILED, refused.to_message())
+            else:
+                session.conclude(Outcome.ABANDONED)
+        session.stop()
+        self._release(session)
+        del self.sessions[session.id]
+        self.store.forget(session.id)
+        self.archive.finish(session.id, None)
         self._account(session)
-        self.forget(session)
-
-    def _abandon(self, session: Session) -> None:
-        session.abandon()
-        if session.outcome != "abandoned":  # it had ended, but nobody got the last message
-            session.outcome = f"{session.outcome or 'ended'}, undelivered"
-        self._account(session)
-        self.forget(session)
+        self.metrics.detached.set(self.detached_count())
+        self._changed()
 
     def _account(self, session: Session) -> None:
-        outcome = session.outcome or "unknown"
-        self.metrics.sessions.labels(outcome=outcome.split(",")[0]).inc()
+        outcome = session.outcome.value if session.outcome else "unknown"
+        self.metrics.sessions.labels(outcome=outcome).inc()
         stats = session.stats()
-        if outcome == "done" and stats["rtf"] is not None:
+        if session.outcome is Outcome.DONE and stats["rtf"] is not None:
             self.metrics.rtf.observe(stats["rtf"])
         rate = session.spec.format.sample_rate
         log.info(
             # request_id comes from the client: quoted and escaped, so it cannot break the line.
-            "session_end id=%s outcome=%s client=%s request_id=%s turns=%d/%d samples=%d "
-            "audio_s=%.3f sent_s=%.3f ttfa_ms=%s rtf=%s wall_ms=%s queued_ms=%s",
+            "session_end id=%s outcome=%s error=%s delivered=%s client=%s request_id=%s "
+            "turns=%d/%d samples=%d audio_s=%.3f sent_s=%.3f ttfa_ms=%s rtf=%s wall_ms=%s "
+            "queued_ms=%s",
             session.id,
-            outcome.replace(" ", "_"),
+            outcome,
+            session.error.code if session.error else "-",
+            "yes" if session.delivered else "no",
             session.spec.client,
             json.dumps(session.spec.request_id),
             session.counters.turns_done,
@@ -331,23 +347,11 @@ class Sessions:
             stats["queued_ms"],
         )
 
-    def forget(self, session: Session) -> None:
-        session.stop()
-        self.running.discard(session.id)
-        self.sessions.pop(session.id, None)
-        self.store.forget(session.id)
-        self.archive.finish(session.id, None)
-        self._changed()
-
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
 
     def active_count(self) -> int:
-        return sum(
-            1
-            for s in self.sessions.values()
-            if s.state not in ENDED and s.state is not State.QUEUED
-        )
+        return sum(1 for s in self.sessions.values() if s.state in (State.OPENING, State.STREAMING))
 
     def detached_count(self) -> int:
         return sum(1 for s in self.sessions.values() if not s.attached)

@@ -19,6 +19,14 @@ VOICES = ["joe", "joe-high", "joe-deep", "joe-bright"]
 SUBPROTOCOLS = [Subprotocol(PROTOCOL)]
 
 
+def drain(runner: Any) -> list[Any]:
+    """Every event of an engine runner, run unit by unit to its end (no engine loop)."""
+    events: list[Any] = []
+    while (unit := runner.run()) is not None:
+        events += unit
+    return events
+
+
 async def recv_message(ws: ClientConnection) -> Any:
     """The next server message on a raw websockets connection."""
     data = await ws.recv()

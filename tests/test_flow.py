@@ -62,16 +62,21 @@ def test_a_client_that_stops_reading_pauses_its_session(piper) -> None:
         asyncio.run(go())
 
 
-def test_without_playback_reports_audio_comes_as_fast_as_it_is_made(server) -> None:
-    async def go():
-        async with await Client.connect(server.ws_url) as c:
-            ready = await c.start(speakers_of(2), LONG[:6])
-            done = [m async for m in c][-1]
-            return ready, done
+def test_without_playback_reports_audio_comes_as_fast_as_it_is_made(piper) -> None:
+    # A lead limit far below the script's length: were it applied without playback reports,
+    # generation would stop at LEAD_MS and `done` would never come.
+    with running_server(piper, max_lead_ms=LEAD_MS) as server:
 
-    ready, done = asyncio.run(go())
-    assert done.type == "done"
-    assert ready.limits["max_lead_ms"] > 0  # the limit exists; it applies only with playback
+        async def go():
+            async with await Client.connect(server.ws_url) as c:
+                ready = await c.start(speakers_of(2), LONG[:6])
+                async with asyncio.timeout(120):
+                    done = [m async for m in c][-1]
+                return ready, done
+
+        ready, done = asyncio.run(go())
+    assert ready.limits["max_lead_ms"] == LEAD_MS
+    assert done.type == "done" and done.duration_ms > 3 * LEAD_MS
 
 
 def test_queue_positions_then_busy(piper) -> None:

@@ -15,6 +15,7 @@ import torch
 from conftest import running_server
 from helpers import decode_session, run_session, speakers_of, turns_of
 
+from vibecast.engine.scheduler import TurnRunner
 from vibecast.protocol import Error
 
 
@@ -27,6 +28,9 @@ class Faulty:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    def runner(self, session: Any, feed: Any) -> TurnRunner:
+        return TurnRunner(self, session, feed)  # so that the engine loop calls our render
 
     def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
         for i, chunk in enumerate(self.inner.render(session, encoded)):

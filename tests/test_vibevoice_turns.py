@@ -1,17 +1,15 @@
-"""`turns` mode: the prefix is encoded once, each turn is its own generation; the next turn's
-text stage overlaps the current render; memory does not grow with the number of turns."""
+"""`turns` mode: the prefix is encoded once, each turn is its own generation, run as units of
+work for the engine loop; memory does not grow with the number of turns."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
+from helpers import drain
 from vibevoice_helpers import reference, tiny_runtime
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
-from vibecast.engine.instrument import TimedBackend
-from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed, run_turns
+from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed
 from vibecast.engine.vibevoice.backend import VibeVoiceBackend
 from vibecast.protocol.messages import Code, ProtocolError
 
@@ -32,15 +30,14 @@ def backend() -> VibeVoiceBackend:
     return VibeVoiceBackend(tiny_runtime(), "vibevoice:tiny", voices)
 
 
-def run(backend, turns, overlap=True, seed=3):
-    inst = TimedBackend(backend)
+def run(backend, turns, seed=3):
     session = backend.open_session(
         [SpeakerVoice("A", voice_id="alice"), SpeakerVoice("B", voice_id="bob")],
         SynthesisParams(seed, "turns", 1.3, 5),
     )
     feed = TurnFeed([Turn(i, s, t) for i, (s, t) in enumerate(turns)])
-    events = list(run_turns(inst, session, feed, threading.Event(), overlap))
-    return events, inst, session
+    events = drain(backend.runner(session, feed))
+    return events, session
 
 
 def audio_of(events) -> list[np.ndarray]:
@@ -51,21 +48,12 @@ def audio_of(events) -> list[np.ndarray]:
     return [np.concatenate(per_turn.get(i, [np.zeros(0, np.float32)])) for i in range(len(SCRIPT))]
 
 
-def test_six_turns_overlap_and_end_at_speech_end(backend) -> None:
-    events, inst, _ = run(backend, SCRIPT)
+def test_six_turns_end_at_speech_end(backend) -> None:
+    events, _ = run(backend, SCRIPT)
     assert [e.turn for e in events if isinstance(e, TurnEnded)] == list(range(6))
-    for i in range(5):
-        assert inst.spans[("encode", i + 1)][0] < inst.spans[("render", i)][1]
     audio = audio_of(events)
     assert all(len(a) % 3200 == 0 for a in audio)  # whole frames of 3200 samples
     assert sum(len(a) for a in audio) > 0
-
-
-def test_same_audio_with_and_without_overlap(backend) -> None:
-    with_overlap = audio_of(run(backend, SCRIPT, overlap=True)[0])
-    without = audio_of(run(backend, SCRIPT, overlap=False)[0])
-    for a, b in zip(with_overlap, without, strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 def kv_bytes(session) -> int:
@@ -76,8 +64,8 @@ def kv_bytes(session) -> int:
 
 def test_memory_does_not_grow_with_turns(backend) -> None:
     # Twice as many turns of the same lengths: the same two turn buffers, the same bytes.
-    _, _, six = run(backend, SCRIPT)
-    _, _, twelve = run(backend, SCRIPT * 2)
+    _, six = run(backend, SCRIPT)
+    _, twelve = run(backend, SCRIPT * 2)
     assert kv_bytes(twelve) == kv_bytes(six)
     assert len([c for c in twelve.voice.slots if c is not None]) == 2
 

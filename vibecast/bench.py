@@ -18,15 +18,12 @@ import json
 import os
 import platform
 import statistics
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from .engine.backend import SpeakerVoice, SynthesisParams, Turn
-from .engine.instrument import TimedBackend
-from .engine.pipeline import TurnAudio, TurnFeed, run_turns
+from .engine.backend import SpeakerVoice
 from .engine.pitch import median_f0
 from .protocol import Audio, Cancelled, Client, Done
 from .protocol.opus import OpusDecoder
@@ -137,37 +134,6 @@ async def full_dialogue(
     return out
 
 
-def pipeline_walls(backend: Any, repeats: int = 3) -> dict[str, Any]:
-    speakers = speaker_voices(backend)
-    turns = [Turn(i, s, t) for i, (s, t) in enumerate(DIALOGUE)]
-    walls: dict[str, list[float]] = {"pipelined": [], "sequential": []}
-    hidden: list[float] = []
-    samples = 0
-    for r in range(repeats):
-        for name, overlap in (("pipelined", True), ("sequential", False)):
-            timed = TimedBackend(backend)
-            session = backend.open_session(speakers, SynthesisParams(seed=r, mode=backend.modes[0]))
-            t0 = time.perf_counter()
-            samples = sum(
-                int(len(e.pcm))
-                for e in run_turns(timed, session, TurnFeed(turns), threading.Event(), overlap)
-                if isinstance(e, TurnAudio)
-            )
-            walls[name].append(time.perf_counter() - t0)
-            if overlap:
-                hidden.append(timed.hidden_fraction(len(turns)))
-            backend.close_session(session)
-    pipelined = statistics.median(walls["pipelined"])
-    sequential = statistics.median(walls["sequential"])
-    return {
-        "audio_s": round(samples / backend.sample_rate, 2),
-        "pipelined_s": round(pipelined, 3),
-        "sequential_s": round(sequential, 3),
-        "saved_pct": round(100 * (1 - pipelined / sequential), 1),
-        "encode_hidden_pct": round(100 * statistics.median(hidden), 1),
-    }
-
-
 def frame_times(backend: Any, frames: int = 40, steps: int = 10) -> dict[str, Any]:
     """The cost of one VibeVoice frame, on the real hot path, independent of token choices."""
     import torch
@@ -252,7 +218,6 @@ def run_bench(args: Any) -> int:
             "max": round(max(cancels) * 1000, 1),
         },
         "dialogue": dialogue,
-        "pipeline": pipeline_walls(backend),
     }
     if is_vibevoice:
         result["frame"] = frame_times(backend)
@@ -264,7 +229,7 @@ def run_bench(args: Any) -> int:
 
 
 def _print(r: dict[str, Any]) -> None:
-    f, d, p = r["first_audio_ms"], r["dialogue"], r["pipeline"]
+    f, d = r["first_audio_ms"], r["dialogue"]
     print(f"model    {r['model']}")
     print(f"machine  {r['machine']}")
     print(
@@ -275,11 +240,6 @@ def _print(r: dict[str, Any]) -> None:
     print(
         f"8-turn dialogue  {d['audio_s']:.1f} s audio in {d['wall_s']:.2f} s: RTF engine "
         f"{d['rtf_engine']}, RTF wall {d['rtf_wall']}"
-    )
-    print(
-        f"pipeline  pipelined {p['pipelined_s']} s  sequential {p['sequential_s']} s  "
-        f"({p['saved_pct']}% saved; {p['encode_hidden_pct']}% of the next turn's text stage "
-        f"hidden behind the render; {p['audio_s']} s audio)"
     )
     for voice, v in d.get("voices", {}).items():
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +11,9 @@ import numpy as np
 
 from ...protocol.messages import Code, ProtocolError
 from ..backend import SpeakerVoice, SynthesisParams, Turn, Voice
-from ..lanes import CpuLanes, CudaLanes
+from ..pipeline import TurnFeed
 from ..resample import resample
+from ..scheduler import TurnRunner, capacity_from_speed
 from ..voice_audio import decode_voice_audio
 from .config import SAMPLE_RATE
 from .generate import EncodedTurn, Runtime, VoiceSession, encode_turn, open_session, render_turn
@@ -49,7 +51,7 @@ class VibeVoiceBackend:
         self.rt = rt
         self.name = name
         self._voices = voices
-        self.lanes = CudaLanes(rt.device) if rt.device.type == "cuda" else CpuLanes()
+        self._capacity = 1  # measured by warmup()
 
     @staticmethod
     def load(
@@ -114,6 +116,19 @@ class VibeVoiceBackend:
             SynthesisParams(0, "turns", 1.3, 2),
         )
         encoded = self.encode(session, Turn(0, 0, "Warm up."), 0)
+        start, frames = time.perf_counter(), 0
         for i, _ in enumerate(self.render(session, encoded)):
-            if i >= 1:
+            if i == 0:  # the first frame pays for one-time set-up: measure from the second
+                start, frames = time.perf_counter(), 0
+            frames += 1
+            if i >= 4:
                 break
+        self._capacity = capacity_from_speed(
+            frames * 3200 / SAMPLE_RATE, time.perf_counter() - start
+        )
+
+    def runner(self, session: _Session, feed: TurnFeed) -> TurnRunner:
+        return TurnRunner(self, session, feed)
+
+    def realtime_capacity(self) -> int:
+        return self._capacity
