@@ -1,13 +1,8 @@
 """What every speech backend provides, and the small types that cross the engine boundary.
 
-A backend turns one turn of a dialogue into audio in two stages:
-
-    encode(session, turn, slot) -> Encoded      text stage: tokens/phonemes -> model state
-    render(session, encoded)    -> Iterator[pcm] acoustic stage: audio chunks as they are made
-
-and hands the engine loop (engine/scheduler.py) a session's turns as units of work
-(`runner`): a stage or a chunk at a time, or, for a backend that batches sessions, one step
-of all of them.
+A backend opens sessions (voice prompts, RNG, caches) and hands the engine loop
+(engine/scheduler.py) a session's turns as units of work (`runner`): for Piper a turn's text
+stage or one vocoder window at a time, for VibeVoice one decode step of every session at once.
 
 Per-model facts (sample rate, voices, modes) live on the backend; per-call settings live in
 `SynthesisParams` (Piper's split of PiperConfig vs SynthesisConfig).
@@ -18,7 +13,6 @@ type that crosses the engine boundary; anything else it raises is a bug, reporte
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -68,6 +62,8 @@ class SynthesisParams:
     mode: str
     cfg_scale: float | None = None
     steps: int | None = None
+    frames_per_turn: int | None = None
+    """Benchmarks (VibeVoice): every turn is exactly this many frames; other backends ignore it."""
 
 
 class Backend(Protocol):
@@ -95,13 +91,11 @@ class Backend(Protocol):
         Voice names have been checked against `voices()` by the server.
         """
 
-    def encode(self, session: Any, turn: Turn, slot: int) -> Any:
-        """Text stage of one turn, written into buffer `slot` (0 or 1) of the session."""
-
-    def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
-        """Acoustic stage: mono float32 chunks at `sample_rate`, in order."""
-
     def close_session(self, session: Any) -> None: ...
+
+    def check_turns(self, session: Any, turns: list[Turn]) -> None:
+        """Raise ProtocolError(too_long) naming a turn the model cannot speak in one piece,
+        when the turn arrives rather than when its time comes."""
 
     def runner(self, session: Any, feed: TurnFeed) -> Runner:
         """The session's turns as units of work for the engine loop (engine/scheduler.py)."""

@@ -8,7 +8,12 @@ from .backend import Backend
 
 
 def load_backend(
-    model: str, device: str = "auto", dtype: str = "auto", voices: str | None = None
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    voices: str | None = None,
+    slots: int | None = None,
+    steps: int = 10,
 ) -> Backend:
     """'piper' (default voice), a Piper .onnx file, or a VibeVoice directory or hub id."""
     if model == "piper":
@@ -26,4 +31,4 @@ def load_backend(
         return PiperBackend(path)
     from .vibevoice.backend import VibeVoiceBackend
 
-    return VibeVoiceBackend.load(model, device=device, dtype=dtype, voices=voices)
+    return VibeVoiceBackend.load(model, device, dtype, voices, slots, steps)

@@ -26,6 +26,7 @@ class TurnAudio:
 @dataclass(frozen=True)
 class TurnEnded:
     turn: int
+    capped: bool = False  # cut at the turn's frame cap: the model had not ended it
 
 
 PipelineEvent = TurnStarted | TurnAudio | TurnEnded

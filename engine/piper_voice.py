@@ -323,6 +323,9 @@ class PiperBackend:
         )
         self._capacity = capacity_from_speed(samples / SAMPLE_RATE, time.perf_counter() - start)
 
+    def check_turns(self, session: PiperSession, turns: list[Turn]) -> None:
+        return None  # any length: long sentences are split (MAX_PIECE_CHARS)
+
     def runner(self, session: PiperSession, feed: TurnFeed) -> TurnRunner:
         return TurnRunner(self, session, feed)
 

@@ -52,8 +52,9 @@ class Runner(Protocol):
 
 
 class Group(Protocol):
-    def run(self, runners: list[Runner]) -> dict[Runner, Events | None]:
-        """One batched unit for these runners (all of this group, all ready)."""
+    def run(self, runners: list[Runner]) -> dict[Runner, Events | None | BaseException]:
+        """One batched unit for these runners (all of this group, all ready): each one's
+        events, None once it is done, or the error that ends that session alone."""
 
 
 class Sink(Protocol):
@@ -197,6 +198,7 @@ class Scheduler:
         group = first.runner.group
         members = [first] if group is None else [e for e in ready if e.runner.group is group]
         start = time.perf_counter()
+        results: dict[Runner, Events | None | BaseException]
         try:
             if group is None:
                 results = {first.runner: first.runner.run()}
@@ -212,8 +214,8 @@ class Scheduler:
         share = (time.perf_counter() - start) / len(members)
         for e in members:
             events = results.get(e.runner, [])
-            if events is None:
-                self._finish(e, None)
+            if events is None or isinstance(events, BaseException):
+                self._finish(e, events)
             elif events:
                 e.sink.put(events, share)
 

@@ -230,6 +230,7 @@ class TurnEnd(Message):
     type: ClassVar[str] = "turn_end"
     turn: int
     samples: int
+    capped: bool | None = None  # the turn reached its length cap before the model ended it
 
 
 @dataclass

@@ -44,6 +44,8 @@ class ServerConfig:
     voices: str | None = None
     """Directory of voice samples (name = file stem) for models that clone voices."""
     device: str = "auto"
+    diffusion_steps: int = 10
+    """VibeVoice: diffusion steps per frame, the same for every session (they share a batch)."""
     dtype: str = "auto"
     limits: Limits = field(default_factory=Limits)
     max_sessions: int = 0

@@ -65,7 +65,10 @@ def uvicorn_config(
     def load() -> Backend:
         if backend is not None:
             return backend
-        return load_backend(config.model, config.device, config.dtype, config.voices)
+        slots = config.max_sessions or None  # VibeVoice: its batch holds what may be admitted
+        return load_backend(
+            config.model, config.device, config.dtype, config.voices, slots, config.diffusion_steps
+        )
 
     app = create_app(config, load)
     # uvicorn trusts X-Forwarded-For from loopback by default, which lets any local client (or

@@ -197,9 +197,18 @@ class Session:
         self.state = State.OPENING
         self._loop = asyncio.get_running_loop()
         spec = self.spec
+
+        def open_and_check() -> Any:
+            engine_session = self.backend.open_session(spec.speakers, spec.params)
+            try:  # every turn known now is checked now, not when its time comes
+                self.backend.check_turns(engine_session, spec.turns)
+            except BaseException:
+                self.backend.close_session(engine_session)
+                raise
+            return engine_session
+
         # Opening touches the model (voice prompts): a job on the engine loop.
-        job = self.scheduler.call(lambda: self.backend.open_session(spec.speakers, spec.params))
-        self.engine_session = await asyncio.wrap_future(job)
+        self.engine_session = await asyncio.wrap_future(self.scheduler.call(open_and_check))
         self.state = State.STREAMING
         self.counters.ready_at = time.monotonic()
 
@@ -277,6 +286,8 @@ class Session:
         self.scheduler.wake()
 
     def append(self, turns: list[Turn], more: bool) -> int:
+        """Add turns (ProtocolError names one the model cannot speak; then none is added)."""
+        self.backend.check_turns(self.engine_session, turns)
         self.chars += sum(len(t.text) for t in turns)
         if turns:  # an empty append is not activity: it must not keep an open script alive
             self.touched = time.monotonic()
@@ -444,6 +455,8 @@ class Session:
                 msg, end = out.turn_end(event.turn, last)
                 if msg is not None:
                     self._send_audio(msg)
+                if event.capped:
+                    end.capped = True
                 self._post(end)
                 self.counters.turns_done += 1
                 self._last_turn, self._closed_as_last = event.turn, last

@@ -35,10 +35,10 @@ def vibevoice_dialogue(tmp_path_factory):
         (voices / f"{name}.wav").write_bytes(wav_bytes(fx[f"voice_{i}"].numpy(), 24000))
     config = ServerConfig(
         port=0, model=str(TINY), voices=str(voices), device="cpu", dtype="float32"
-    )
+    ).replace(diffusion_steps=3)
     with ServerThread(config) as server:
         speakers = [{"voice": ["ann", "ben"][i % 2]} for i in range(4)]
-        return asyncio.run(run_session(server.ws_url, speakers, options={"seed": 2, "steps": 3}))
+        return asyncio.run(run_session(server.ws_url, speakers, options={"seed": 2}))
 
 
 @pytest.fixture(params=["piper", "vibevoice"])

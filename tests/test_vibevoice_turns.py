@@ -31,13 +31,16 @@ def backend() -> VibeVoiceBackend:
 
 
 def run(backend, turns, seed=3):
-    session = backend.open_session(
+    """Every event of the turns, and the capacity of the session's own text cache after them."""
+    slot = backend.open_session(
         [SpeakerVoice("A", voice_id="alice"), SpeakerVoice("B", voice_id="bob")],
-        SynthesisParams(seed, "turns", 1.3, 5),
+        SynthesisParams(seed, "turns", 1.3, None),
     )
-    feed = TurnFeed([Turn(i, s, t) for i, (s, t) in enumerate(turns)])
-    events = drain(backend.runner(session, feed))
-    return events, session
+    runner = backend.runner(slot, TurnFeed([Turn(i, s, t) for i, (s, t) in enumerate(turns)]))
+    events = drain(runner)
+    capacity = backend.engine.sessions[slot].cache.capacity
+    runner.close()
+    return events, capacity
 
 
 def audio_of(events) -> list[np.ndarray]:
@@ -51,23 +54,20 @@ def audio_of(events) -> list[np.ndarray]:
 def test_six_turns_end_at_speech_end(backend) -> None:
     events, _ = run(backend, SCRIPT)
     assert [e.turn for e in events if isinstance(e, TurnEnded)] == list(range(6))
+    assert not any(e.capped for e in events if isinstance(e, TurnEnded))
     audio = audio_of(events)
     assert all(len(a) % 3200 == 0 for a in audio)  # whole frames of 3200 samples
     assert sum(len(a) for a in audio) > 0
 
 
-def kv_bytes(session) -> int:
-    vs = session.voice
-    caches = [vs.prefix] + [c for c in vs.slots if c is not None]
-    return sum(c.k.numel() * c.k.element_size() * 2 for c in caches)
-
-
 def test_memory_does_not_grow_with_turns(backend) -> None:
-    # Twice as many turns of the same lengths: the same two turn buffers, the same bytes.
+    # The pool is allocated once; a session's own cache is sized by its longest turn, so twice
+    # as many turns of the same lengths take the same memory.
+    pool = backend.engine.state.cache.k.data_ptr(), backend.engine.state.cache.k.shape
     _, six = run(backend, SCRIPT)
     _, twelve = run(backend, SCRIPT * 2)
-    assert kv_bytes(twelve) == kv_bytes(six)
-    assert len([c for c in twelve.voice.slots if c is not None]) == 2
+    assert six == twelve
+    assert (backend.engine.state.cache.k.data_ptr(), backend.engine.state.cache.k.shape) == pool
 
 
 def test_the_seed_makes_it_repeatable(backend) -> None:

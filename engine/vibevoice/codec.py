@@ -3,7 +3,12 @@
 Modules hold weights only. Streaming state lives outside them, one preallocated buffer per
 causal conv (`new_state`), written in place on every `step`, so that any number of sessions
 share one set of weights. Offline `forward` and chunk-by-chunk `step` give the same output
-(tests/test_vibevoice_codec.py) for chunks that are whole latent frames (3200 samples).
+(tests/test_vibevoice_streaming.py) for chunks that are whole latent frames (3200 samples).
+
+Batched sessions (batch.py) step all streams at once with a `mask` (B, 1, 1): a stream whose
+mask is False computes like the others but keeps its state, so shapes never depend on which
+streams are live (CUDA graphs). Their state can be one flat (B, N) buffer (`flat_state`),
+every conv's buffer a view of it, so that zeroing or copying one stream is one operation.
 
 Module paths reproduce the checkpoint's names (…stages.3.1.mixer.conv.conv.conv.weight), which
 is why a few containers exist only to nest a name.
@@ -45,10 +50,14 @@ class CausalConv1d(nn.Module):
         extra = (frames - 1) * self.stride + self.kernel - self.context - t
         return self.weight_conv(F.pad(x, (self.context, extra)))
 
-    def step(self, x: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, states: list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         state = states[self.slot]  # (B, cin, context)
         full = torch.cat([state, x], dim=-1)
-        state.copy_(full[..., full.shape[-1] - self.context :])
+        tail = full[..., full.shape[-1] - self.context :]
+        # mask (B, 1, 1): where False the stream keeps its state (torch.where: static shapes)
+        state.copy_(tail if mask is None else torch.where(mask, tail, state))
         return self.weight_conv(full)
 
     def state_shape(self) -> tuple[int, int]:
@@ -78,10 +87,13 @@ class CausalConvTranspose1d(nn.Module):
         y = self.weight_conv(x)
         return y[..., : x.shape[-1] * self.stride]
 
-    def step(self, x: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, states: list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         state = states[self.slot]  # (B, cin, 1)
         y = self.weight_conv(torch.cat([state, x], dim=-1))
-        state.copy_(x[..., -1:])
+        last = x[..., -1:]
+        state.copy_(last if mask is None else torch.where(mask, last, state))
         return y[..., self.stride : self.stride * (x.shape[-1] + 1)]
 
     def state_shape(self) -> tuple[int, int]:
@@ -116,10 +128,15 @@ class Block(nn.Module):
     def _scaled(self, x: torch.Tensor, gamma: nn.Parameter | None) -> torch.Tensor:
         return x * gamma[:, None] if gamma is not None else x
 
-    def forward(self, x: torch.Tensor, states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        states: list[torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         conv: CausalConv1d = self.mixer.conv  # type: ignore[assignment]
         h = self.norm(x)
-        h = conv(h) if states is None else conv.step(h, states)
+        h = conv(h) if states is None else conv.step(h, states, mask)
         x = x + self._scaled(h, self.gamma)
         return x + self._scaled(self._mlp(self.ffn_norm(x)), self.ffn_gamma)
 
@@ -151,23 +168,52 @@ class _Stack(nn.Module):
             for m in self._streaming
         ]
 
-    def _run(self, x: torch.Tensor, states: list[torch.Tensor] | None) -> torch.Tensor:
+    def state_size(self) -> int:
+        """State numbers per stream, all convs together: N of a flat (B, N) state."""
+        return sum(cin * context for cin, context in (m.state_shape() for m in self._streaming))
+
+    def state_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A state list whose buffers are views of `flat` (B, N): conv j's (B, cin, context) is
+        columns [offset_j, offset_j + cin·context) of every row, so writes land in `flat`."""
+        views, offset = [], 0
+        for m in self._streaming:
+            cin, context = m.state_shape()
+            views.append(flat[:, offset : offset + cin * context].unflatten(1, (cin, context)))
+            offset += cin * context
+        return views
+
+    def flat_state(
+        self, batch: int, device: torch.device | str, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Zeroed state for `batch` streams as one (B, N) buffer and the state list over it."""
+        flat = torch.zeros(batch, self.state_size(), device=device, dtype=dtype)
+        return flat, self.state_views(flat)
+
+    def _run(
+        self, x: torch.Tensor, states: list[torch.Tensor] | None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         for resample, stage in zip(self.resamplers, self.stages, strict=True):
             layer = resample[0]
-            x = layer(x) if states is None else layer.step(x, states)
+            x = layer(x) if states is None else layer.step(x, states, mask)
             for block in stage:
-                x = block(x, states)
+                x = block(x, states, mask)
         if self.norm is not None:
             x = self.norm(x)
-        return self.head(x) if states is None else self.head.step(x, states)
+        return self.head(x) if states is None else self.head.step(x, states, mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Offline: the whole signal at once (zero history before it)."""
         return self._run(x, None)
 
-    def step(self, x: torch.Tensor, states: list[torch.Tensor]) -> torch.Tensor:
-        """Streaming: the next chunk, continuing from `states` (updated in place)."""
-        return self._run(x, states)
+    def step(
+        self, x: torch.Tensor, states: list[torch.Tensor], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Streaming: the next chunk, continuing from `states` (updated in place).
+
+        `mask` (B, 1, 1) bool: only streams where it is True advance their state; the others
+        compute all the same (their output is the caller's to ignore) and keep it.
+        """
+        return self._run(x, states, mask)
 
 
 class Encoder(_Stack):

@@ -1,8 +1,9 @@
 """The per-frame diffusion head and its sampler (DPM-Solver++ 2M, cosine schedule, v-prediction).
 
 The schedule is a handful of scalars per step, computed once (`Schedule`); the timestep
-embeddings of those steps are fixed too (`DiffusionHead.time_table`). Classifier-free guidance
-runs the positive and negative conditions as one batch of 2N rows per step.
+embeddings of those steps are fixed too (`Sampler.t_emb`). Classifier-free guidance runs the
+positive and negative conditions as one batch of 2N rows per step: `sample` takes them as two
+blocks (one session), `sample_pairs` interleaved with a scale per stream (batched sessions).
 """
 
 from __future__ import annotations
@@ -195,6 +196,38 @@ class Sampler:
             v_pos, v_neg = v[:n], v[n:]
             guided = v_neg + cfg_scale * (v_pos - v_neg)
             x0 = s.alpha[i] * x - s.sigma[i] * guided  # in the model dtype, as the reference
+            xf = x.float()
+            if x0_prev is None or not self.second_order[i]:
+                nxt = s.ratio[i] * xf - s.e[i] * x0
+            else:
+                nxt = s.ratio[i] * xf - s.e[i] * x0 - 0.5 * s.e[i] * (s.k[i] * (x0 - x0_prev))
+            x0_prev = x0
+            x = nxt.to(self.dtype)
+        return x
+
+    @torch.no_grad()
+    def sample_pairs(
+        self, cond: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """`sample` for N streams at once, rows paired as the batched KV pool lays them out.
+
+        cond (2N, H): row 2i the positive, 2i+1 the negative condition of stream i;
+        noise (N, latent); cfg_scale (N, 1) float32, one scale per stream -> (N, latent).
+        The same arithmetic as `sample` row for row: the guidance product is taken in fp32 and
+        rounded once to the model dtype, which is what a Python-float scale does in `sample`.
+        A fixed number of operations whatever the values (no host branches on tensors).
+        """
+        n = noise.shape[0]
+        s = self.schedule
+        c = self.head.cond_proj(cond)  # (2N, H), once per frame
+        x = noise
+        x0_prev = None
+        for i in range(s.steps):
+            pair = x[:, None].expand(n, 2, -1).reshape(2 * n, -1)  # (2N, latent): x_i twice
+            v = self.head(pair, self.t_emb[i : i + 1], c).view(n, 2, -1)
+            v_pos, v_neg = v[:, 0], v[:, 1]
+            guided = v_neg + (cfg_scale * (v_pos - v_neg)).to(v.dtype)
+            x0 = s.alpha[i] * x - s.sigma[i] * guided
             xf = x.float()
             if x0_prev is None or not self.second_order[i]:
                 nxt = s.ratio[i] * xf - s.e[i] * x0
