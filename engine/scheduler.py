@@ -50,6 +50,10 @@ class Runner(Protocol):
     def close(self) -> None:
         """Free what the runner holds in the model (on the loop thread)."""
 
+    def park(self) -> None:
+        """Nobody listens to the session for now: move its state out of the way (loop thread).
+        It comes back by itself when the loop next runs it."""
+
 
 class Group(Protocol):
     def run(self, runners: list[Runner]) -> dict[Runner, Events | None | BaseException]:
@@ -279,6 +283,9 @@ class TurnRunner:
             self._chunks = None
             return [TurnEnded(self._turn)]
         return [TurnAudio(self._turn, pcm)] if len(pcm) else []
+
+    def park(self) -> None:
+        return None  # Piper keeps nothing in the model between units
 
     def close(self) -> None:
         if self._chunks is not None:

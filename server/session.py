@@ -36,7 +36,7 @@ from typing import Any
 
 from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
 from ..engine.pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
-from ..engine.scheduler import Entry, Scheduler
+from ..engine.scheduler import Entry, Runner, Scheduler
 from ..protocol.messages import (
     Audio,
     Cancelled,
@@ -173,6 +173,7 @@ class Session:
         self.output = AudioOutput(spec.format, backend.sample_rate)
         self.engine_session: Any = None
         self._entry: Entry | None = None
+        self._runner: Runner | None = None
         self._output = Serial(output_pool)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: deque[OutFrame] = deque()
@@ -231,8 +232,8 @@ class Session:
         if self.spec.format.codec == "opus":
             rate = self.spec.format.sample_rate
             self.archive.begin(self.id, self.output.pre_skip, rate, owner=self.spec.client)
-        runner = self.backend.runner(self.engine_session, self.feed)
-        self._entry = self.scheduler.add(runner, self)
+        self._runner = self.backend.runner(self.engine_session, self.feed)
+        self._entry = self.scheduler.add(self._runner, self)
 
     def join(self, timeout: float) -> bool:
         """Wait until the engine loop has let go of the session; True once it has."""
@@ -283,6 +284,8 @@ class Session:
     def set_attached(self, attached: bool) -> None:
         """A connection took the session, or let it go (generation pauses until one takes it)."""
         self.attached = attached
+        if not attached and self._runner is not None:
+            self.scheduler.call(self._runner.park)  # on a GPU: its caches go to host memory
         self.scheduler.wake()
 
     def append(self, turns: list[Turn], more: bool) -> int:

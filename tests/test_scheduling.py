@@ -43,6 +43,9 @@ class FakeRunner:
     def close(self) -> None:
         pass
 
+    def park(self) -> None:
+        pass
+
 
 @dataclass(eq=False)
 class FakeSink:

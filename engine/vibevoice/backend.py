@@ -14,7 +14,7 @@ from ..pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted
 from ..resample import resample
 from ..scheduler import HEADROOM, Events, Runner
 from ..voice_audio import decode_voice_audio
-from .batch import BatchEngine
+from .batch import BatchEngine, Parked
 from .config import SAMPLE_RATE
 from .generate import Runtime
 from .weights import load_runtime
@@ -48,10 +48,28 @@ class SlotRunner:
         self.feed = feed
         self.next = 0  # index of the next turn to start
         self.turn: Turn | None = None  # the turn being spoken
+        self.parked: Parked | None = None  # the slot's state in host memory, while detached
         group.members[slot] = self
 
     def ready(self) -> bool:
+        if self.parked is not None and self.group.engine.free_slot() is None:
+            return False  # back from a resume, waiting for a slot to come free
         return self.turn is not None or self.feed.complete or self.feed.peek(self.next) is not None
+
+    def park(self) -> None:
+        """Nobody is listening: free the slot, keep the state in host memory (loop thread)."""
+        if self.parked is None and self.group.members.get(self.slot) is self:
+            self.parked = self.group.engine.park(self.slot)
+            del self.group.members[self.slot]
+
+    def unpark(self) -> bool:
+        slot = self.group.engine.free_slot()
+        if self.parked is None or slot is None:
+            return self.parked is None
+        self.group.engine.unpark(self.parked, slot)
+        self.slot, self.parked = slot, None
+        self.group.members[slot] = self
+        return True
 
     def run(self) -> Events | None:
         result = self.group.run([self])[self]
@@ -73,8 +91,10 @@ class BatchGroup:
         self.members: dict[int, SlotRunner] = {}
 
     def leave(self, runner: SlotRunner) -> None:
-        self.engine.close(runner.slot)
-        self.members.pop(runner.slot, None)
+        if runner.parked is None and self.members.get(runner.slot) is runner:
+            self.engine.close(runner.slot)
+            del self.members[runner.slot]
+        runner.parked = None
 
     def run(self, runners: list[Runner]) -> dict[Runner, Events | None | BaseException]:
         out: dict[Runner, Events | None | BaseException] = {}
@@ -82,6 +102,9 @@ class BatchGroup:
         for r in runners:
             assert isinstance(r, SlotRunner)
             events: Events = []
+            if not r.unpark():  # ready() saw a free slot; a member before it may have taken it
+                out[r] = events
+                continue
             if r.turn is None:
                 turn = r.feed.peek(r.next)
                 if turn is None:  # ready() said so: the script is complete

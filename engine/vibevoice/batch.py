@@ -258,6 +258,23 @@ class Session:
     copied: torch.cuda.Event | None = None  # CUDA: the pool holds `cache`; write it again
 
 
+# The per-slot rows of `Slots` that make up a slot's state besides its KV rows.
+_SLOT_ROWS = ("h", "pos", "tokens", "n", "cap", "forced", "cfg", "acoustic_flat", "semantic_flat")
+
+
+@dataclass
+class Parked:
+    """A slot's whole state in host memory, so that a session nobody listens to (its socket
+    dropped, waiting for resume) holds no slot and no device memory for its turn."""
+
+    session: Session
+    k: torch.Tensor  # (layers, 2, kv_heads, used, head_dim): the slot's two rows, used part
+    v: torch.Tensor
+    rows: dict[str, torch.Tensor]  # one row of each of _SLOT_ROWS
+    in_turn: bool
+    next: int
+
+
 def _on(stream: torch.cuda.Stream | None) -> AbstractContextManager[Any]:
     return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
@@ -551,6 +568,41 @@ class BatchEngine:
     def close(self, slot: int) -> None:
         self.stop_turn(slot)
         self.sessions[slot] = None
+
+    @torch.no_grad()
+    def park(self, slot: int) -> Parked:
+        """Move the slot's state to host memory and free the slot (the loop's thread)."""
+        sess = self.sessions[slot]
+        if sess is None:
+            raise ValueError(f"slot {slot} holds no session")
+        s = self.state
+        used = min(int(s.pos[slot].max()) + 1, self.window)  # a host read, outside any step
+        rows = slice(2 * slot, 2 * slot + 2)
+        parked = Parked(
+            sess,
+            s.cache.k[:, rows, :, :used].to("cpu", copy=True),
+            s.cache.v[:, rows, :, :used].to("cpu", copy=True),
+            {name: getattr(s, name)[slot].to("cpu", copy=True) for name in _SLOT_ROWS},
+            self.in_turn(slot),
+            self._next[slot],
+        )
+        self.close(slot)
+        return parked
+
+    @torch.no_grad()
+    def unpark(self, parked: Parked, slot: int) -> None:
+        """Put a parked state into a free slot, exactly as it was; it steps after `resume`."""
+        if self.sessions[slot] is not None:
+            raise ValueError(f"slot {slot} already holds a session")
+        s, used = self.state, parked.k.shape[3]
+        rows = slice(2 * slot, 2 * slot + 2)
+        s.cache.k[:, rows, :, :used].copy_(parked.k)
+        s.cache.v[:, rows, :, :used].copy_(parked.v)
+        for name, value in parked.rows.items():
+            getattr(s, name)[slot].copy_(value)
+        self.sessions[slot] = parked.session
+        self._paused[slot] = parked.in_turn  # held until the loop picks it: `resume`
+        self._next[slot] = parked.next
 
     def in_turn(self, slot: int) -> bool:
         return self._active[slot] or self._paused[slot]
