@@ -271,7 +271,7 @@ def test_a_turn_that_may_not_fit_is_refused_before_any_frame(
         engine.begin_turn(1, 0, SCRIPT[4][1], turn=4)
     e = refused.value
     assert (e.code, e.field, e.turn) == (Code.TOO_LONG, "turns[4].text", 4)
-    assert "turn 4" in e.message
+    assert "turns[4]" in e.message and "Split the turn" in e.message
     assert not engine.in_turn(1)
     assert engine.step() == []
 
