@@ -136,6 +136,7 @@ class Options:
     cfg_scale: float | None = None
     steps: int | None = None
     mode: str | None = None
+    frames_per_turn: int | None = None
 
 
 @dataclass
@@ -482,6 +483,7 @@ def _parse_start(m: dict[str, Any]) -> Start:
             cfg_scale=cfg,
             steps=_int_in(o, "steps", "options", 1, 100),
             mode=_get(o, "mode", str, "options"),
+            frames_per_turn=_int_in(o, "frames_per_turn", "options", 1, 10_000),
         )
     request_id = _get(m, "request_id", str, "")
     if request_id is not None and (

@@ -164,6 +164,7 @@ class Sessions:
             mode=o.mode if o and o.mode else self.backend.modes[0],
             cfg_scale=o.cfg_scale if o else None,
             steps=o.steps if o else None,
+            frames_per_turn=o.frames_per_turn if o else None,
         )
         self.backend.check_params(params)
         return SessionSpec(speakers, turns, start.more, fmt, params, start.request_id, client)

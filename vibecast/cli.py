@@ -111,6 +111,32 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--runs", type=int, default=10, help="first-audio samples to take (>= 10)")
     bench.add_argument("--json", help="also write the results to this file")
     bench.add_argument(
+        "--sessions",
+        metavar="N[,N...]",
+        help="instead: N sessions started at once, for each N (e.g. 1,2,4,8,16): aggregate "
+        "frames per second, real-time factor per session, first audio, queue, stalls",
+    )
+    bench.add_argument(
+        "--frames-per-turn",
+        type=int,
+        metavar="F",
+        help="with --sessions, VibeVoice: every turn is exactly F frames (random weights end "
+        "turns early)",
+    )
+    bench.add_argument(
+        "--listeners",
+        action="store_true",
+        help="with --sessions: clients play in real time and report playback (stalls are "
+        "counted); the server keeps its default capacity and queues the rest",
+    )
+    bench.add_argument(
+        "--capacity",
+        type=int,
+        metavar="K",
+        help="with --sessions: the server's max_sessions (default: N; with --listeners, the "
+        "capacity the server measures at start-up)",
+    )
+    bench.add_argument(
         "--soak",
         type=float,
         metavar="MINUTES",

@@ -14,7 +14,7 @@ from ..pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted
 from ..resample import resample
 from ..scheduler import HEADROOM, Events, Runner
 from ..voice_audio import decode_voice_audio
-from .batch import BatchEngine, Parked
+from .batch import BatchEngine, Parked, count_ops, decode_step
 from .config import SAMPLE_RATE
 from .generate import Runtime
 from .weights import load_runtime
@@ -260,3 +260,8 @@ class VibeVoiceBackend:
 
     def realtime_capacity(self) -> int:
         return self._capacity
+
+    def ops_per_step(self) -> int:
+        """Operations one decode step dispatches: the same whatever the number of sessions."""
+        engine = self.engine
+        return count_ops(lambda: decode_step(engine.w, engine.state))
