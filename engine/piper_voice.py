@@ -318,10 +318,12 @@ class PiperBackend:
         # Then measure a sentence of a few seconds, warm, to know the machine's capacity.
         text = "A sentence long enough to measure how fast this machine speaks, warm and steady."
         start = time.perf_counter()
-        samples = sum(
-            len(x) for x in self.render(session, self.encode(session, Turn(1, 0, text), 1))
-        )
-        self._capacity = capacity_from_speed(samples / SAMPLE_RATE, time.perf_counter() - start)
+        chunks = self.render(session, self.encode(session, Turn(1, 0, text), 1))
+        samples = len(next(chunks))
+        first_s = time.perf_counter() - start  # a session's text stage and first chunk
+        samples += sum(len(x) for x in chunks)
+        compute_s = time.perf_counter() - start
+        self._capacity = capacity_from_speed(samples / SAMPLE_RATE, compute_s, first_s)
 
     def check_turns(self, session: PiperSession, turns: list[Turn]) -> None:
         return None  # any length: long sentences are split (MAX_PIECE_CHARS)

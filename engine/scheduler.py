@@ -238,12 +238,17 @@ class Scheduler:
 
 
 HEADROOM = 0.7  # of the measured speed: output encoding, network, and turns that run slower
+FIRST_AUDIO_S = 0.5  # what sessions that start together may wait for their first audio
 
 
-def capacity_from_speed(audio_s: float, compute_s: float) -> int:
+def capacity_from_speed(audio_s: float, compute_s: float, first_audio_s: float = 0.0) -> int:
     """Sessions one engine loop keeps in real time, from one session's measured speed: the loop
-    runs their units one after another, so N sessions need N times one session's compute."""
-    return max(1, int(HEADROOM * audio_s / max(compute_s, 1e-9)))
+    runs their units one after another, so N sessions need N times one session's compute; and
+    N sessions started at once get their first audio one after another, so N first audios
+    must fit in FIRST_AUDIO_S."""
+    keeps_up = int(HEADROOM * audio_s / max(compute_s, 1e-9))
+    starts = int(FIRST_AUDIO_S / first_audio_s) if first_audio_s > 0 else keeps_up
+    return max(1, min(keeps_up, starts))
 
 
 class TurnRunner:
