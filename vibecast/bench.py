@@ -154,7 +154,7 @@ def frame_times(backend: Any, frames: int = 40, steps: int = 10) -> dict[str, An
             sync()
             t0 = time.perf_counter()
             audio, emb = rt.speech(s, rt.noise(vs.gen), 1.3, steps, vs.acoustic, vs.semantic)
-            s.neg += 1
+            s.advance_neg()
             rt.step(s, emb)
             rt.choose(s.h_pos)
             audio.cpu()

@@ -195,15 +195,21 @@ class Sampler:
             v = self.head(torch.cat([x, x], dim=0), self.t_emb[i : i + 1], cond)
             v_pos, v_neg = v[:n], v[n:]
             guided = v_neg + cfg_scale * (v_pos - v_neg)
-            x0 = s.alpha[i] * x - s.sigma[i] * guided  # in the model dtype, as the reference
-            xf = x.float()
-            if x0_prev is None or not self.second_order[i]:
-                nxt = s.ratio[i] * xf - s.e[i] * x0
-            else:
-                nxt = s.ratio[i] * xf - s.e[i] * x0 - 0.5 * s.e[i] * (s.k[i] * (x0 - x0_prev))
-            x0_prev = x0
-            x = nxt.to(self.dtype)
+            x, x0_prev = self._update(i, x, guided, x0_prev)
         return x
+
+    def _update(
+        self, i: int, x: torch.Tensor, guided: torch.Tensor, x0_prev: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DPM-Solver++ step i from the guided v-prediction: (next x, this step's x0)."""
+        s = self.schedule
+        x0 = s.alpha[i] * x - s.sigma[i] * guided  # in the model dtype, as the reference
+        xf = x.float()
+        if x0_prev is None or not self.second_order[i]:
+            nxt = s.ratio[i] * xf - s.e[i] * x0
+        else:
+            nxt = s.ratio[i] * xf - s.e[i] * x0 - 0.5 * s.e[i] * (s.k[i] * (x0 - x0_prev))
+        return nxt.to(self.dtype), x0
 
     @torch.no_grad()
     def sample_pairs(
@@ -227,12 +233,5 @@ class Sampler:
             v = self.head(pair, self.t_emb[i : i + 1], c).view(n, 2, -1)
             v_pos, v_neg = v[:, 0], v[:, 1]
             guided = v_neg + (cfg_scale * (v_pos - v_neg)).to(v.dtype)
-            x0 = s.alpha[i] * x - s.sigma[i] * guided
-            xf = x.float()
-            if x0_prev is None or not self.second_order[i]:
-                nxt = s.ratio[i] * xf - s.e[i] * x0
-            else:
-                nxt = s.ratio[i] * xf - s.e[i] * x0 - 0.5 * s.e[i] * (s.k[i] * (x0 - x0_prev))
-            x0_prev = x0
-            x = nxt.to(self.dtype)
+            x, x0_prev = self._update(i, x, guided, x0_prev)
         return x

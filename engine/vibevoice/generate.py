@@ -35,13 +35,32 @@ from .tokenizer import TextTokenizer
 
 @dataclass
 class Streams:
-    """A positive and a negative stream in one two-row KV cache."""
+    """A positive and a negative stream in one two-row KV cache.
+
+    Their positions are kept twice: as ints for the host's decisions, and as a (2, 1) tensor on
+    the device that the LM step reads, moved on in place, so no frame copies a position over.
+    """
 
     cache: KVCache
     pos: int  # next position of the positive stream
     neg: int  # next position of the negative stream
     h_pos: torch.Tensor  # (1, H) last hidden state of each stream
     h_neg: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.at = torch.tensor([[self.pos], [self.neg]], device=self.h_pos.device)  # once a turn
+
+    def advance_pos(self) -> None:
+        self.pos += 1
+        self.at[0] += 1
+
+    def advance_neg(self) -> None:
+        self.neg += 1
+        self.at[1] += 1
+
+    def restart_neg(self) -> None:
+        self.neg = 0
+        self.at[1] = 0
 
 
 class Runtime:
@@ -129,10 +148,9 @@ class Runtime:
     def step(self, s: Streams, emb: torch.Tensor) -> None:
         """Both streams consume `emb` (1, H) as one batch at their next positions."""
         x = emb[None].expand(2, 1, -1)
-        positions = torch.tensor([[s.pos], [s.neg]], device=self.device)
-        h = self.lm(x, positions, s.cache, slice(0, 2))[:, -1]
+        h = self.lm(x, s.at, s.cache, slice(0, 2))[:, -1]
         s.h_pos, s.h_neg = h[:1], h[1:]
-        s.pos += 1
+        s.advance_pos()
 
     def choose(self, h_pos: torch.Tensor) -> int:
         """Greedy choice among the allowed tokens (the host reads one number: the frame's sync)."""
@@ -203,13 +221,14 @@ class Runtime:
                 for state in (*acoustic, *semantic):
                     state.zero_()
             if token == tok.speech_start:  # the negative stream restarts with the new segment
-                s.neg = 0
+                s.restart_neg()
             if token == tok.speech_diffusion:
-                s.neg += 1  # keep the negative forward that ran beside the positive one
+                s.advance_neg()  # keep the negative forward that ran beside the positive one
                 audio, emb = self.speech(s, self.noise(gen), cfg_scale, steps, acoustic, semantic)
                 pending = audio.to("cpu", torch.float32, non_blocking=True)
             else:
-                emb = self.embed([token])[0]
+                # A row of the table by a host int: a view, no index tensor copied over.
+                emb = self.lm.embed_tokens.weight[token : token + 1]
             if n + 1 < max_steps:
                 self.step(s, emb)
         if pending is not None:  # the step cap ended the loop: no token read has waited for it
