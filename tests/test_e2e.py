@@ -12,11 +12,10 @@ import itertools
 import numpy as np
 import pytest
 from helpers import DIALOGUE, decode_session, run_session
-from vibevoice_helpers import TINY, reference
+from vibevoice_helpers import TINY, voice_dir
 
 from vibecast.engine.pitch import median_f0, semitones
 from vibecast.protocol import Audio, Progress, TurnEnd, TurnStart
-from vibecast.protocol.wav import wav_bytes
 from vibecast.server.config import ServerConfig
 from vibecast.server.run import ServerThread
 
@@ -29,10 +28,7 @@ def piper_dialogue(server):
 @pytest.fixture(scope="module")
 def vibevoice_dialogue(tmp_path_factory):
     """The same dialogue through `vibecast serve --model DIR --voices DIR` with the tiny model."""
-    fx, _ = reference()
-    voices = tmp_path_factory.mktemp("voices")
-    for i, name in enumerate(["ann", "ben"]):
-        (voices / f"{name}.wav").write_bytes(wav_bytes(fx[f"voice_{i}"].numpy(), 24000))
+    voices = voice_dir(tmp_path_factory.mktemp("voices"))
     config = ServerConfig(
         port=0, model=str(TINY), voices=str(voices), device="cpu", dtype="float32"
     ).replace(diffusion_steps=3)

@@ -16,6 +16,7 @@ from conftest import running_server
 from helpers import speakers_of, turns_of
 from websockets.exceptions import ConnectionClosed
 
+from vibecast.bench import RealTimeListener
 from vibecast.engine.pipeline import PipelineEvent, TurnAudio
 from vibecast.engine.scheduler import Scheduler
 from vibecast.protocol import Audio, Client, Done
@@ -134,14 +135,16 @@ def test_a_batched_group_runs_in_one_unit() -> None:
 
 @dataclass
 class Listener:
-    """Plays what arrives in real time once it holds JITTER_S (as the page does) and reports
-    playback; a stall is a moment when the playhead passed the audio received."""
+    """A client that plays in real time (the bench's `RealTimeListener`: a cushion before it
+    plays, a stall whenever it runs dry) and reports `playback` as it goes."""
 
-    JITTER_S = 0.5
     queued: list[int] = field(default_factory=list)
-    stalls: int = 0
-    received_s: float = 0.0
+    player: RealTimeListener = field(default_factory=RealTimeListener)
     done: bool = False
+
+    @property
+    def stalls(self) -> int:
+        return self.player.stalls
 
     async def run(self, url: str, turns: list[dict[str, Any]]) -> None:
         async with await Client.connect(url) as client:
@@ -149,21 +152,13 @@ class Listener:
                 speakers_of(2), turns, on_queued=lambda q: self.queued.append(q.position)
             )
             rate = ready.format["sample_rate"]
-            playing_since: float | None = None
             async for msg in client:
-                now = time.monotonic()
                 if isinstance(msg, Audio):
-                    if playing_since is not None and now - playing_since > self.received_s:
-                        self.stalls += 1
-                        playing_since = now - self.received_s  # playback resumes from here
-                    self.received_s += msg.samples / rate
-                    if playing_since is None and self.received_s >= self.JITTER_S:
-                        playing_since = now
-                    if playing_since is not None:
-                        played = min(now - playing_since, self.received_s)
-                        with contextlib.suppress(ConnectionClosed):  # it may have just ended
-                            await client.playback(int(played * 1000))
+                    self.player.receive(time.perf_counter(), msg.samples * 1000 / rate)
+                    with contextlib.suppress(ConnectionClosed):  # it may have just ended
+                        await client.playback(int(self.player.played_ms))
                 elif isinstance(msg, Done):
+                    self.player.finish(time.perf_counter())
                     self.done = True
 
 

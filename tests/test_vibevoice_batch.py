@@ -8,20 +8,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from vibevoice_helpers import TINY, reference, tiny_runtime
+from vibevoice_helpers import DIALOGUE, TINY, reference, tiny_runtime
 
 from vibecast.engine.vibevoice.batch import BatchEngine, bench_steps, decode_step, padded_buckets
 from vibecast.engine.vibevoice.generate import Runtime, encode_turn, open_session
 from vibecast.engine.vibevoice.weights import load_runtime
 from vibecast.protocol.messages import Code, ProtocolError
 
-SCRIPT = [
-    (0, "Hello there, and welcome to the show."),
-    (1, "Thanks, it is good to be here."),
-    (0, "Shall we start?"),
-    (1, "Good morning, good evening, welcome back."),
-    (0, "The quick brown fox jumps over the lazy dog."),
-]
+SCRIPT = DIALOGUE[:5]
 SEED = 2  # the tiny model's turns under this seed: 5, 11, 0, 12 and 9 frames
 STEPS = 5  # diffusion steps
 

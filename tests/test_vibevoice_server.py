@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import abort, decode_packets
-from vibevoice_helpers import TINY, reference
+from vibevoice_helpers import TINY, voice_dir
 
 from vibecast.protocol import Audio, Client
-from vibecast.protocol.wav import wav_bytes
 from vibecast.server.config import ServerConfig
 from vibecast.server.run import ServerThread
 
@@ -27,10 +26,7 @@ TURNS = [
 
 @pytest.fixture(scope="module")
 def one_slot(tmp_path_factory):
-    fx, _ = reference()
-    voices = tmp_path_factory.mktemp("voices")
-    for i, name in enumerate(["ann", "ben"]):
-        (voices / f"{name}.wav").write_bytes(wav_bytes(fx[f"voice_{i}"].numpy(), 24000))
+    voices = voice_dir(tmp_path_factory.mktemp("voices"))
     config = ServerConfig(port=0, model=str(TINY), voices=str(voices), device="cpu").replace(
         dtype="float32", diffusion_steps=3, max_sessions=1, resume_grace_s=120
     )

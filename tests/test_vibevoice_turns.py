@@ -6,21 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import drain
-from vibevoice_helpers import reference, tiny_runtime
+from vibevoice_helpers import DIALOGUE, reference, tiny_runtime
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
 from vibecast.engine.pipeline import TurnAudio, TurnEnded, TurnFeed
 from vibecast.engine.vibevoice.backend import VibeVoiceBackend
 from vibecast.protocol.messages import Code, ProtocolError
 
-SCRIPT = [
-    (0, "Hello there, and welcome to the show."),
-    (1, "Thanks, it is good to be here."),
-    (0, "Shall we start?"),
-    (1, "Good morning, good evening, welcome back."),
-    (0, "The quick brown fox jumps over the lazy dog."),
-    (1, "One line is enough here."),
-]
+SCRIPT = DIALOGUE
 
 
 @pytest.fixture(scope="module")
