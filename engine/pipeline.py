@@ -61,6 +61,11 @@ class TurnFeed:
             self._cond.wait_for(lambda: i < len(self._turns) or not self._more)
             return self._turns[i] if i < len(self._turns) else None
 
+    def known(self) -> list[Turn]:
+        """The turns received so far."""
+        with self._cond:
+            return list(self._turns)
+
     @property
     def total(self) -> int:
         with self._cond:

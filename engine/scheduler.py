@@ -56,6 +56,8 @@ class Runner(Protocol):
 
 
 class Group(Protocol):
+    wake: Callable[[], None]  # set by the loop: call when a member may have become ready
+
     def run(self, runners: list[Runner]) -> dict[Runner, Events | None | BaseException]:
         """One batched unit for these runners (all of this group, all ready): each one's
         events, None once it is done, or the error that ends that session alone."""
@@ -116,6 +118,8 @@ class Scheduler:
 
     def add(self, runner: Runner, sink: Sink) -> Entry:
         entry = Entry(runner, sink)
+        if runner.group is not None:
+            runner.group.wake = self.wake  # its background work (a prefill) may end any time
         with self._cond:
             self._entries.append(entry)
             self._cond.notify()

@@ -354,6 +354,162 @@ def main(out: Path, weights_seed: int) -> None:
     }
     (out / "reference.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["counts"]), len(tokens), "tokens,", fx["gen_audio"].numel(), "samples")
+    record_long(ref, processor, out, fx["gen_audio"], inputs)
+
+
+def generate(ref, processor, script: str, wavs: list[np.ndarray], seed: int):
+    """The reference's whole-script generate, as a user runs it; also returns every input the
+    positive stream consumed, (1, prompt + generated - 1, H): a pre-hook on the LM's caller."""
+    inputs = processor(
+        text=[script],
+        voice_samples=[wavs],
+        padding=True,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def hook(_module, _args, kwargs):
+        seen.append((id(kwargs["past_key_values"]), kwargs["inputs_embeds"].detach().clone()))
+
+    handle = ref.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        ref.set_ddpm_inference_steps(STEPS)
+        torch.manual_seed(seed)
+        result = ref.generate(
+            **inputs,
+            max_new_tokens=None,
+            cfg_scale=CFG_SCALE,
+            tokenizer=processor.tokenizer,
+            generation_config={"do_sample": False},
+            verbose=False,
+            show_progress_bar=False,
+        )
+    finally:
+        handle.remove()
+    positive = seen[0][0]  # the prefill is the positive stream's first call
+    consumed = torch.cat([x for cache, x in seen if cache == positive], dim=1)
+    prompt_len = inputs["input_ids"].shape[1]
+    tokens = result.sequences[0, prompt_len:].tolist()
+    speech = result.speech_outputs[0].reshape(-1).float()
+    return inputs, tokens, speech, consumed
+
+
+LONG_SCRIPT = (
+    "Speaker 1: Good morning, good evening, welcome back to the show.\n"
+    "Speaker 2: Thanks, it is good to be here again.\n"
+    "Speaker 3: The quick brown fox jumps over the lazy dog.\n"
+    "Speaker 1: Shall we start with the first question?\n"
+    "Speaker 2: One line is enough here, warm up.\n"
+    "Speaker 3: Streaming speech, first audio, turns and voices.\n"
+    "Speaker 1: Hello there, and welcome to the show.\n"
+)
+LONG_SEED = 19  # 119 frames; one ulp on the voices moves its audio by 4e-6 (seed 10: 7e-5)
+DROP = 4  # the rebuild fixture drops the first turns of the long take, keeps the next two
+
+
+def record_long(ref, processor, out: Path, short_audio: torch.Tensor, short_inputs) -> None:
+    """A longer take (several turns, 60+ frames), the same runs again on one thread (a fixture
+    must not hinge on rounding), and the LM forward over a context with its first turns
+    dropped: what a window rebuild must reproduce."""
+    tok = processor.tokenizer
+    wavs = voices()
+    rng = np.random.default_rng(5)
+    t = np.arange(9000) / 24000
+    third = (0.2 * np.sin(2 * np.pi * 175.0 * t) + 0.01 * rng.standard_normal(len(t))).astype(
+        np.float32
+    )
+    wavs = [*wavs, third]
+    inputs, tokens, speech, consumed = generate(ref, processor, LONG_SCRIPT, wavs, LONG_SEED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _, tokens_1, speech_1, _ = generate(ref, processor, LONG_SCRIPT, wavs, LONG_SEED)
+    _, short_1, short_speech_1, _ = generate(ref, processor, SCRIPT, voices(), SEED)
+    torch.set_num_threads(threads)
+    assert tokens_1 == tokens
+    # Thread counts barely change this tiny model's kernels, so also nudge every voice sample
+    # by one ulp: how far that moves the audio is how far fp32 rounding alone can move it.
+    ulp = [np.nextafter(w, np.float32(np.inf)) for w in wavs]
+    _, tokens_u, speech_u, _ = generate(ref, processor, LONG_SCRIPT, ulp, LONG_SEED)
+    ulp_short = [np.nextafter(w, np.float32(np.inf)) for w in voices()]
+    _, short_u, short_speech_u, _ = generate(ref, processor, SCRIPT, ulp_short, SEED)
+    assert tokens_u == tokens
+
+    # The rebuilt context: the prefix as the reference embedded it, the text block of the
+    # lines from DROP on, then what the positive consumed while speaking turns DROP.. (turn k:
+    # the inputs after the k-th speech_end, up to and including the next one; the leading
+    # speech_start of turn DROP is the text block's own).
+    ids = inputs["input_ids"][0].tolist()
+    header = tok.encode(" Text input:\n", add_special_tokens=False)
+    start = next(i for i in range(len(ids)) if ids[i : i + len(header)] == header)
+    lines = [line for line in LONG_SCRIPT.splitlines() if line]
+    texts = [line.split(":", 1)[1].strip() for line in lines]
+    speakers = [int(line.split(":")[0].split()[1]) - 1 for line in lines]
+    block = list(header)
+    for speaker, text in list(zip(speakers, texts, strict=True))[DROP:]:
+        block += tok.encode(f" Speaker {speaker}: {text}\n", add_special_tokens=False)
+    block += tok.encode(" Speech output:\n", add_special_tokens=False) + [tok.speech_start_id]
+    generated = consumed[0, len(ids) :]  # (generated - 1, H): tokens[j]'s input at row j
+    ends = [j for j, t in enumerate(tokens[:-1]) if t == tok.speech_end_id]
+    keep_from = ends[DROP - 1] + 1  # turn DROP's first input
+    keep_to = ends[DROP + 1] + 1  # through turn DROP + 1's speech_end
+    kept = list(range(keep_from, keep_to))
+    if tokens[keep_from] == tok.speech_start_id:
+        kept = kept[1:]
+    embed = ref.model.get_input_embeddings()
+    seq = torch.cat(
+        [consumed[:, :start], embed(torch.tensor([block])), generated[None, kept]], dim=1
+    )
+    with torch.no_grad():
+        lm = ref.model.language_model(inputs_embeds=seq, use_cache=True)
+    cache = lm.past_key_values
+    fx = {
+        "long_audio": speech,
+        "long_audio_1thread": speech_1,
+        "short_audio_1thread": short_speech_1,
+        "long_consumed": consumed[0],
+        "voice_2": torch.from_numpy(third),
+        "rebuild_hidden": lm.last_hidden_state[0, -1],
+        "rebuild_k0": cache.key_cache[0][0, :, start:],
+        "rebuild_v0": cache.value_cache[0][0, :, start:],
+        "rebuild_k1": cache.key_cache[-1][0, :, start:],
+        "rebuild_v1": cache.value_cache[-1][0, :, start:],
+    }
+    save_file({k: v.contiguous().float() for k, v in fx.items()}, out / "long.safetensors")
+    counts = {
+        name: tokens.count(i)
+        for name, i in (
+            ("diffusion", tok.speech_diffusion_id),
+            ("speech_end", tok.speech_end_id),
+            ("speech_start", tok.speech_start_id),
+            ("eos", tok.eos_id),
+        )
+    }
+    summary = {
+        "script": LONG_SCRIPT,
+        "seed": LONG_SEED,
+        "prompt_ids": ids,
+        "prefix_len": start,
+        "tokens": tokens,
+        "counts": counts,
+        "drop": DROP,
+        "rebuild_ids": [*block, *[tokens[j] for j in kept]],
+        "rebuild_frames": [j for j in kept if tokens[j] == tok.speech_diffusion_id],
+        "threads": threads,
+        "one_thread_max_diff": {
+            "short": float((short_speech_1 - short_audio).abs().max()),
+            "long": float((speech_1 - speech).abs().max()),
+        },
+        "one_ulp_max_diff": {
+            "short": float((short_speech_u - short_audio).abs().max())
+            if short_u == short_1
+            else None,
+            "long": float((speech_u - speech).abs().max()),
+        },
+    }
+    assert short_1 == json.loads((out / "reference.json").read_text())["tokens"]
+    (out / "long.json").write_text(json.dumps(summary, indent=1))
+    print("long:", json.dumps(counts), summary["one_thread_max_diff"], summary["one_ulp_max_diff"])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ def reference() -> tuple[dict[str, torch.Tensor], dict]:
     )
 
 
+def long_reference() -> tuple[dict[str, torch.Tensor], dict]:
+    """The longer take (7 turns, 119 frames) and the rebuild fixture (vibevoice_reference.py)."""
+    return load_file(FIXTURES / "long.safetensors"), json.loads(
+        (FIXTURES / "long.json").read_text()
+    )
+
+
 def tiny_runtime() -> Runtime:
     return load_runtime(str(TINY), "cpu", "float32")
 

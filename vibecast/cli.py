@@ -152,7 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     synth.add_argument("--model", required=True, help="VibeVoice directory or hub id")
     synth.add_argument("--script", required=True, help="file of 'Speaker N: text' lines")
     synth.add_argument("--voice", action="append", default=[], help="voice sample per speaker")
-    synth.add_argument("--mode", default="continuous", choices=["continuous", "turns"])
+    synth.add_argument(
+        "--mode",
+        default="context",
+        choices=["context", "continuous", "turns"],
+        help="context (default): the dialogue in the model's context over a sliding window; "
+        "continuous: one window for the whole script; turns: each turn on its own",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--steps", type=int, default=10, help="diffusion steps per frame")
     synth.add_argument("--cfg-scale", type=float, default=1.3)

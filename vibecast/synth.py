@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from .engine.backend import SpeakerVoice, SynthesisParams, Turn
+from .engine.pipeline import TurnAudio, TurnFeed
 from .engine.script import ScriptError, parse_script
-from .engine.vibevoice.backend import at_24k, read_voice_file
-from .engine.vibevoice.generate import encode_turn, generate_continuous, open_session, render_turn
+from .engine.vibevoice.backend import VibeVoiceBackend, at_24k, drive, read_voice_file
+from .engine.vibevoice.generate import FRAMES_PER_TOKEN, FRAMES_SLACK
 from .engine.vibevoice.weights import CheckpointError, load_runtime
+from .protocol.messages import ProtocolError
 from .protocol.wav import wav_bytes
 
 
@@ -35,33 +37,51 @@ def synthesize(
             f"the script has {speakers} speakers but {len(wavs)} --voice files were given"
         )
     rt = load_runtime(model, device, dtype)
-    if mode == "continuous":
-        _, audio = generate_continuous(rt, lines, wavs, cfg_scale, steps, seed)
-        return audio
-    session = open_session(rt, wavs[:speakers], seed, cfg_scale, steps)
-    chunks = []
-    for i, (speaker, text) in enumerate(lines):
-        chunks += list(render_turn(rt, session, encode_turn(rt, session, speaker, text, i % 2)))
+    window = None  # context and turns: the server's window
+    if mode == "continuous":  # context with a window that holds the whole script
+        text = sum(len(rt.tok.encode(t)) + 8 for _, t in lines)
+        need = (
+            1024
+            + text
+            + sum(
+                FRAMES_PER_TOKEN * (len(rt.tok.encode(t)) + 8) + FRAMES_SLACK + 3 for _, t in lines
+            )
+        )
+        window = min(need, rt.cfg.lm.max_position_embeddings)
+    backend = VibeVoiceBackend(rt, rt.name, {}, slots=1, window=window, steps=steps)
+    params = SynthesisParams(seed, "turns" if mode == "turns" else "context", cfg_scale, steps)
+    voices_ = [
+        SpeakerVoice(f"speaker {i}", audio=w, audio_rate=24000)
+        for i, w in enumerate(wavs[:speakers])
+    ]
+    slot = backend.open_session(voices_, params)
+    turns = [Turn(i, speaker, text) for i, (speaker, text) in enumerate(lines)]
+    backend.check_turns(slot, turns)
+    chunks = [
+        e.pcm for e in drive(backend.runner(slot, TurnFeed(turns))) if isinstance(e, TurnAudio)
+    ]
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
 def run_synth(args: Any) -> int:
     try:
         script = Path(args.script).read_text("utf-8")
-        with torch.inference_mode():
-            audio = synthesize(
-                args.model,
-                script,
-                args.voice,
-                args.mode,
-                args.seed,
-                args.steps,
-                args.cfg_scale,
-                args.device,
-                args.dtype,
-            )
+        audio = synthesize(
+            args.model,
+            script,
+            args.voice,
+            args.mode,
+            args.seed,
+            args.steps,
+            args.cfg_scale,
+            args.device,
+            args.dtype,
+        )
     except (OSError, ValueError, ScriptError, CheckpointError) as e:
         print(f"vibecast synth: {e}", file=sys.stderr)
+        return 2
+    except ProtocolError as e:
+        print(f"vibecast synth: {e.message}", file=sys.stderr)
         return 2
     Path(args.out).write_bytes(wav_bytes(audio, 24000, float32=True))
     print(f"wrote {args.out}: {len(audio)} samples at 24000 Hz ({len(audio) / 24000:.2f} s)")

@@ -4,18 +4,23 @@ batch engine stepped by the engine loop (`continuous` and the reference's layout
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from ...protocol.messages import Code, ProtocolError
 from ..backend import SpeakerVoice, SynthesisParams, Turn, Voice
-from ..pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted
+from ..pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
 from ..resample import resample
 from ..scheduler import HEADROOM, Events, Runner
 from ..voice_audio import decode_voice_audio
-from .batch import BatchEngine, Parked, count_ops, decode_step
+from .batch import BatchEngine, EncodedTurn, Parked, SlotFrame, count_ops, decode_step
 from .config import SAMPLE_RATE
+from .context import TurnRecord, Window
 from .generate import Runtime
 from .weights import load_runtime
 
@@ -40,25 +45,48 @@ def at_24k(audio: np.ndarray, rate: int) -> np.ndarray:
 
 class SlotRunner:
     """One session's turns in a slot of the batch engine. The engine loop never runs it alone:
-    its `group` runs one unit for every runnable session at once."""
+    its `group` runs one unit for every runnable session at once.
+
+    `turns` mode: each turn is its text block after the prefix, ended by the model's
+    speech_end. `context` mode (context.py): the turns follow each other in one context, and
+    at each boundary the slot either goes on in place or has its context rebuilt (a prefill
+    job on the group's prefill worker: the other sessions keep stepping meanwhile)."""
 
     def __init__(self, group: BatchGroup, slot: int, feed: TurnFeed) -> None:
         self.group = group
         self.slot = slot
         self.feed = feed
+        engine = group.engine
+        sess = engine.sessions[slot]
+        assert sess is not None
+        self.window = (
+            Window(engine.rt.tok, engine.window, sess.prefix_len) if sess.context else None
+        )
+        self.forced = sess.frames_per_turn is not None
         self.next = 0  # index of the next turn to start
         self.turn: Turn | None = None  # the turn being spoken
+        self.capped = False  # that turn reached its frame cap
+        self.cut = False  # context: the server closed that turn's segment for the model's eos
+        self.held: Turn | None = None  # context: a turn over whose end waits for the script
+        self.pending: Future[EncodedTurn] | None = None  # a prefill job for the next turn
         self.parked: Parked | None = None  # the slot's state in host memory, while detached
+        self.over = False
         group.members[slot] = self
 
     def ready(self) -> bool:
         if self.parked is not None and self.group.engine.free_slot() is None:
             return False  # back from a resume, waiting for a slot to come free
-        return self.turn is not None or self.feed.complete or self.feed.peek(self.next) is not None
+        if self.pending is not None:
+            return self.pending.done()
+        if self.turn is not None or self.over:
+            return True
+        return self.feed.complete or self.feed.peek(self.next) is not None
 
     def park(self) -> None:
         """Nobody is listening: free the slot, keep the state in host memory (loop thread)."""
         if self.parked is None and self.group.members.get(self.slot) is self:
+            if self.pending is not None:
+                self.pending.exception()  # the prefill writes the session's cache: let it end
             self.parked = self.group.engine.park(self.slot)
             del self.group.members[self.slot]
 
@@ -80,21 +108,149 @@ class SlotRunner:
     def close(self) -> None:
         self.group.leave(self)
 
+    # -- a unit, before the step: True if the slot takes part in it ----------------------------
+
+    def prepare(self, events: Events) -> bool:
+        engine = self.group.engine
+        if self.pending is not None:
+            enc = self.pending.result()
+            self.pending = None
+            enc.slot = self.slot  # the session may have been parked and come back elsewhere
+            first = enc.first
+            if self.window is not None:
+                self.window.rebuilt(*self.group.planned.pop(self), enc.length)
+                self.window.records.append(TurnRecord())
+                if enc.turn > 0:
+                    self.group.rebuilds += 1
+                    self.group.rebuild_s += enc.prefill_s
+                first = self._first(enc.first, enc.turn)
+            engine.start_turn(enc, first)
+            return True
+        if self.turn is not None:
+            return True
+        if self.held is not None:  # a context turn over, its end held until the script grew
+            if self.feed.peek(self.next) is None and not self.cut and not self.capped:
+                # The script ended there: the model speaks on in the last turn (module doc).
+                self.turn, self.held = self.held, None
+                engine.go_on(self.slot, None, engine.next_token(self.slot))
+                return True
+            events.append(TurnEnded(self.held.index, capped=self.capped))
+            self.held = None
+        turn = self.feed.peek(self.next)
+        if turn is None:  # ready() said so: the script is complete
+            self.over = True
+            return False
+        ids, cap = engine.check_turn(self.slot, turn.speaker, turn.text, turn.index)
+        self.turn, self.next, self.capped, self.cut = turn, self.next + 1, False, False
+        events.append(TurnStarted(turn))
+        if self.window is None:
+            self._prefill(ids, None, [], turn.index, cap)
+            return False
+        lines = [(t.speaker, t.text) for t in self.feed.known()]
+        planned = self.window.plan(lines, turn.index, cap)
+        if planned is None:
+            self.window.records.append(TurnRecord())
+            first = self._first(engine.next_token(self.slot), turn.index)
+            engine.go_on(self.slot, cap, first)
+            return True
+        self.group.planned[self] = planned
+        self._prefill(*self.window.inputs(lines, *planned, turn.index), turn.index, cap)
+        return False
+
+    def _prefill(
+        self, ids: list[int], frames: Tensor | None, at: list[int], turn: int, cap: int
+    ) -> None:
+        group = self.group
+        self.pending = group.prefill.submit(
+            group.engine.encode,
+            self.slot,
+            ids,
+            frames,
+            at,
+            turn=turn,
+            max_frames=cap,
+            stream=group.stream,
+        )
+        self.pending.add_done_callback(lambda _: group.wake())
+
+    def _first(self, chosen: int, k: int) -> int:
+        """A context turn's first token: a turn after the first opens a segment."""
+        tok = self.group.engine.rt.tok
+        if k > 0 and (self.forced or chosen in (tok.eos, tok.speech_end)):
+            return tok.speech_start
+        if chosen == tok.eos and self._more():  # eos in the first segment, lines to come
+            return tok.speech_end
+        return chosen
+
+    def _more(self) -> bool:
+        return not self.feed.complete or self.feed.peek(self.next) is not None
+
+    # -- a unit, after the step ----------------------------------------------------------------
+
+    def take(self, frame: SlotFrame, events: Events) -> None:
+        turn = self.turn
+        assert turn is not None
+        if frame.audio is not None:
+            events.append(TurnAudio(turn.index, frame.audio))
+        self.capped |= frame.capped
+        if self.window is None:
+            if frame.done:
+                events.append(TurnEnded(turn.index, capped=frame.capped))
+                self.turn = None
+            return
+        engine = self.group.engine
+        if not frame.ended:
+            self.window.consumed(frame.token, frame.input)
+        if frame.ended:  # eos with nothing left to say: the session's speech is over
+            events.append(TurnEnded(turn.index, capped=self.capped))
+            self.turn, self.over = None, True
+        elif frame.boundary:
+            self.turn = None
+            if self.feed.peek(self.next) is not None:
+                events.append(TurnEnded(turn.index, capped=self.capped))
+            elif self.feed.complete and (self.capped or self.cut or self.forced):
+                events.append(TurnEnded(turn.index, capped=self.capped))
+                self.over = True
+            else:
+                self.held = turn  # run on (complete) or wait for more lines (prepare)
+        elif engine.next_token(self.slot) == engine.rt.tok.eos and self._more():
+            engine.set_next(self.slot, engine.rt.tok.speech_end)  # the model ended too early
+            self.cut = True
+
+
+def drive(runner: SlotRunner) -> Iterator[PipelineEvent]:
+    """A session's events with nobody else in the engine, unit after unit, waiting for its
+    prefills (offline synthesis, warm-up); the session is closed at the end."""
+    try:
+        while (events := runner.run()) is not None:
+            yield from events
+    finally:
+        runner.close()
+
 
 class BatchGroup:
-    """Every VibeVoice session of one engine loop. A unit: the text stage of each given session
-    that starts a turn (a prefill), then one decode step in which every given session in a turn
-    makes a frame; members the loop did not give (held by flow control) sit the step out."""
+    """Every VibeVoice session of one engine loop. A unit: one decode step in which every given
+    session in a turn makes a frame; members the loop did not give (held by flow control, or
+    waiting for a prefill) sit the step out. Prefills (a turn's text, a context rebuild) run on
+    one worker thread (and its own CUDA stream), so a long one never stalls the others."""
 
     def __init__(self, engine: BatchEngine) -> None:
         self.engine = engine
         self.members: dict[int, SlotRunner] = {}
+        self.planned: dict[SlotRunner, tuple[int, int]] = {}  # context windows being rebuilt
+        self.prefill = ThreadPoolExecutor(1, thread_name_prefix="vibevoice-prefill")
+        cuda = engine.rt.device.type == "cuda"
+        self.stream = torch.cuda.Stream(engine.rt.device) if cuda else None
+        self.wake: Callable[[], None] = lambda: None  # the engine loop's, set when it adds us
+        self.rebuilds = 0  # context rebuilds (not counting each session's first context)
+        self.rebuild_s = 0.0  # their prefill time
 
     def leave(self, runner: SlotRunner) -> None:
         if runner.parked is None and self.members.get(runner.slot) is runner:
             self.engine.close(runner.slot)
             del self.members[runner.slot]
         runner.parked = None
+        self.planned.pop(runner, None)
 
     def run(self, runners: list[Runner]) -> dict[Runner, Events | None | BaseException]:
         out: dict[Runner, Events | None | BaseException] = {}
@@ -102,23 +258,16 @@ class BatchGroup:
         for r in runners:
             assert isinstance(r, SlotRunner)
             events: Events = []
-            if not r.unpark():  # ready() saw a free slot; a member before it may have taken it
-                out[r] = events
-                continue
-            if r.turn is None:
-                turn = r.feed.peek(r.next)
-                if turn is None:  # ready() said so: the script is complete
-                    out[r] = None
-                    continue
-                try:
-                    self.engine.begin_turn(r.slot, turn.speaker, turn.text, turn.index)
-                except ProtocolError as e:  # this session's turn, not the batch's problem
-                    out[r] = e
-                    continue
-                r.turn, r.next = turn, r.next + 1
-                events.append(TurnStarted(turn))
             out[r] = events
-            stepping.add(r.slot)
+            if not r.unpark():  # ready() saw a free slot; a member before it may have taken it
+                continue
+            try:
+                if r.prepare(events):
+                    stepping.add(r.slot)
+                elif r.over:
+                    out[r] = None if not events else events
+            except ProtocolError as e:  # this session's turn, not the batch's problem
+                out[r] = e
         for slot, member in self.members.items():
             if member.turn is not None:
                 if slot in stepping:
@@ -127,21 +276,16 @@ class BatchGroup:
                     self.engine.pause(slot)
         for frame in self.engine.step():
             member = self.members[frame.slot]
-            assert member.turn is not None
             got = out[member]
             assert isinstance(got, list)
-            if frame.audio is not None:
-                got.append(TurnAudio(member.turn.index, frame.audio))
-            if frame.done:
-                got.append(TurnEnded(member.turn.index, capped=frame.capped))
-                member.turn = None
+            member.take(frame, got)
         return out
 
 
 class VibeVoiceBackend:
     """VibeVoice in `turns` mode, every session a slot of one batch engine (batch.py)."""
 
-    modes = ("turns",)
+    modes = ("context", "turns")  # the first is the default (docs/modes.md)
     sample_rate = SAMPLE_RATE
 
     def __init__(
@@ -195,8 +339,9 @@ class VibeVoiceBackend:
         if params.mode not in self.modes:
             raise ProtocolError(
                 Code.BAD_FIELD,
-                f"options.mode {params.mode!r} cannot stream; the server runs 'turns' (use "
-                "`vibecast synth --mode continuous` for the reference's whole-script output).",
+                f"options.mode {params.mode!r} is not one of 'context' (the default: every turn "
+                "in the context of the dialogue so far) or 'turns' (each turn on its own); "
+                "'continuous' is `vibecast synth`'s whole-script window.",
                 field="options.mode",
             )
         steps = self.engine.steps
@@ -220,7 +365,8 @@ class VibeVoiceBackend:
             for sp in speakers
         ]
         cfg = params.cfg_scale if params.cfg_scale is not None else 1.3
-        self.engine.open(slot, wavs, params.seed, cfg, params.frames_per_turn)
+        context = params.mode == "context"
+        self.engine.open(slot, wavs, params.seed, cfg, params.frames_per_turn, context=context)
         return slot
 
     def check_turns(self, session: int, turns: list[Turn]) -> None:
@@ -253,7 +399,7 @@ class VibeVoiceBackend:
                 break
             times.append(time.perf_counter() - start)
         runner.close()
-        step_s = sorted(times[1:])[len(times[1:]) // 2]  # the first unit also ran the prefill
+        step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first units waited for the prefill
         frame_s = 3200 / SAMPLE_RATE
         slots = self.engine.max_slots
         self._capacity = min(slots, max(1, int(slots * HEADROOM * frame_s / step_s)))

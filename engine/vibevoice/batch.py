@@ -84,6 +84,7 @@ AUDIO = 2  # that frame was speech_diffusion: the slot's row of `audio` holds 32
 ENDED = 4  # its token was speech_end or eos: the turn is over
 CAPPED = 8  # this frame was the turn's last allowed one: the turn is over without speech_end
 ACTIVE = 16  # the slot takes part in the next step
+BOUNDARY = 32  # (context) the slot consumed speech_end: a turn is over, the host decides what next
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Slots:
     cap: torch.Tensor  # (b,) int64: frames the turn may make (generate.py's max_steps)
     forced: torch.Tensor  # (b,) int64: frames_per_turn, or -1 to choose
     active: torch.Tensor  # (b,) bool
+    context: torch.Tensor  # (b,) bool: `context` mode, speech_end is consumed and a boundary
     cfg: torch.Tensor  # (b, 1) float32
     noise: torch.Tensor  # (b, latent), model dtype: drawn by the host before the step
     acoustic_flat: torch.Tensor  # (b, Na): the acoustic decoder's streaming state
@@ -132,6 +134,7 @@ class Slots:
     semantic_flat: torch.Tensor  # (b, Ns): the semantic encoder's
     semantic: list[torch.Tensor]
     audio: torch.Tensor  # (b, hop) float32, out
+    inputs: torch.Tensor  # (b, H), out: the input each slot's rows consumed (context records)
     report: torch.Tensor  # (b, 3) int64, out: token consumed (-1: inactive), next, flags
 
     def first(self, b: int, decoder: Decoder, encoder: Encoder) -> Slots:
@@ -145,6 +148,7 @@ class Slots:
             self.cap[:b],
             self.forced[:b],
             self.active[:b],
+            self.context[:b],
             self.cfg[:b],
             self.noise[:b],
             self.acoustic_flat[:b],
@@ -152,6 +156,7 @@ class Slots:
             self.semantic_flat[:b],
             encoder.state_views(self.semantic_flat[:b]),
             self.audio[:b],
+            self.inputs[:b],
             self.report[:b],
         )
 
@@ -162,14 +167,21 @@ def decode_step(w: Weights, s: Slots) -> None:
     on values, the same operations whatever is active (torch.compile fullgraph, CUDA graphs).
     """
     b, hidden = s.h.shape[0], s.h.shape[2]
-    t, act = s.tokens, s.active  # NOTE: aliases, overwritten at the end; read them before
+    t, act, ctx = s.tokens, s.active, s.context  # NOTE: aliases, overwritten at the end
     consumed = torch.where(act, t, -1)  # (b,) the report's token column
-    ended = act & ((t == w.speech_end) | (t == w.eos))
+    # `turns`: speech_end or eos ends the turn. `context`: only eos does; speech_end is an input
+    # like any other (the reference's layout) and marks a turn boundary for the host.
+    closes = act & ((t == w.speech_end) | (t == w.eos))
+    ended = closes & ~(ctx & (t == w.speech_end))
     live = act & ~ended  # slots that make a frame
     diff = live & (t == w.speech_diffusion)
     restart = live & (t == w.speech_start)
-    stepped = live & (s.n + 1 < s.cap)  # generate.py skips the LM after the last allowed frame
-    capped = live & ~stepped
+    boundary = live & (t == w.speech_end)  # context slots only
+    last = s.n + 1 >= s.cap  # the turn's last allowed frame
+    # generate.py skips the LM after a turn's last frame; a context slot goes on, and its next
+    # token is speech_end: the server closes the segment the model did not.
+    stepped = live & (~last | ctx)
+    capped = live & last & ~boundary
 
     # Speech for every slot; the codec keeps state only where `diff`, the rest is discarded.
     latent = w.sampler.sample_pairs(s.h.reshape(2 * b, hidden), s.noise, s.cfg)  # (b, latent)
@@ -179,8 +191,8 @@ def decode_step(w: Weights, s: Slots) -> None:
     speech = w.acoustic_connector(latent) + w.semantic_connector(features)  # (b, H)
     emb = torch.where(diff[:, None], speech, w.lm.embed_tokens(t))  # (b, H)
     # speech_end: the decoder and semantic encoder restart from silence (as Runtime.frames)
-    s.acoustic_flat.masked_fill_(ended[:, None], 0)
-    s.semantic_flat.masked_fill_(ended[:, None], 0)
+    s.acoustic_flat.masked_fill_(closes[:, None], 0)
+    s.semantic_flat.masked_fill_(closes[:, None], 0)
 
     # Both rows of a slot consume `emb`: positive at pos[:, 0], negative at its new position.
     neg = torch.where(restart, 0, s.pos[:, 1] + diff.long())  # (b,)
@@ -200,19 +212,23 @@ def decode_step(w: Weights, s: Slots) -> None:
     chosen = w.valid[scores.argmax(dim=-1)]
     forced = torch.where(s.n < s.forced, w.speech_diffusion, w.speech_end)
     chosen = torch.where(s.forced >= 0, forced, chosen)
+    chosen = torch.where(ctx & last, w.speech_end, chosen)
     s.tokens.copy_(torch.where(stepped, chosen, t))
-    s.active.copy_(stepped)
+    going = stepped & ~boundary  # a context slot waits at a boundary until the host resumes it
+    s.active.copy_(going)
 
     flags = (
         live.long() * FRAME
         + diff.long() * AUDIO
         + ended.long() * ENDED
         + capped.long() * CAPPED
-        + stepped.long() * ACTIVE
+        + going.long() * ACTIVE
+        + boundary.long() * BOUNDARY
     )
     nxt = torch.where(stepped, chosen, -1)
     s.report.copy_(torch.stack([consumed, nxt, flags], dim=1))
     s.audio.copy_(audio[:, 0])
+    s.inputs.copy_(emb)
 
 
 # -- host side -------------------------------------------------------------------------------
@@ -225,8 +241,10 @@ class SlotFrame:
     slot: int
     token: int  # the token the slot consumed (the session's token path)
     audio: np.ndarray | None  # (3200,) float32 when the token was speech_diffusion
-    ended: bool  # speech_end or eos: the turn is over
-    capped: bool  # the turn reached its frame cap with this frame: over, and the client is told
+    ended: bool  # `turns`: speech_end or eos, the turn is over; `context`: eos
+    capped: bool  # the turn reached its frame cap with this frame (`turns`: it is over)
+    boundary: bool = False  # `context`: speech_end consumed; the slot waits for `go_on`/a rebuild
+    input: torch.Tensor | None = None  # `context`, speech_diffusion: the frame's input embedding
 
     @property
     def done(self) -> bool:
@@ -239,9 +257,10 @@ class EncodedTurn:
 
     slot: int
     turn: int
-    length: int  # prefix + text positions
+    length: int  # prefix + text (+ the kept turns' speech, in context mode) positions
     max_frames: int
     first: int  # the first token, chosen from the prefill's last hidden state
+    prefill_s: float = 0.0  # how long the prefill took (a rebuild's cost)
 
 
 @dataclass
@@ -251,15 +270,27 @@ class Session:
     gen: torch.Generator  # voice latents, then one draw per diffusion frame
     cfg_scale: float
     frames_per_turn: int | None
+    context: bool  # `context` mode: turns follow each other in one context (context.py)
     prefix_len: int
-    cache: KVCache  # 1 row: the prefix, then the text of the turn being encoded
-    h: torch.Tensor  # (1, H): last hidden state of that text
+    cache: KVCache  # 1 row: the prefix, then what is being encoded after it
+    h: torch.Tensor  # (1, H): last hidden state of that
     encoded: EncodedTurn | None = None
     copied: torch.cuda.Event | None = None  # CUDA: the pool holds `cache`; write it again
 
 
 # The per-slot rows of `Slots` that make up a slot's state besides its KV rows.
-_SLOT_ROWS = ("h", "pos", "tokens", "n", "cap", "forced", "cfg", "acoustic_flat", "semantic_flat")
+_SLOT_ROWS = (
+    "h",
+    "pos",
+    "tokens",
+    "n",
+    "cap",
+    "forced",
+    "context",
+    "cfg",
+    "acoustic_flat",
+    "semantic_flat",
+)
 
 
 @dataclass
@@ -361,6 +392,7 @@ class BatchEngine:
             torch.ones(s, device=dev, dtype=i64),
             torch.full((s,), -1, device=dev, dtype=i64),
             zeros(s, dtype=torch.bool),
+            zeros(s, dtype=torch.bool),
             zeros(s, 1, dtype=torch.float32),
             zeros(s, cfg.acoustic.vae_dim),
             acoustic_flat,
@@ -368,6 +400,7 @@ class BatchEngine:
             semantic_flat,
             semantic,
             zeros(s, hop, dtype=torch.float32),
+            zeros(s, cfg.lm.hidden_size),
             zeros(s, 3, dtype=i64),
         )
         self._views = {b: self.state.first(b, self.w.decoder, self.w.encoder) for b in self.buckets}
@@ -388,6 +421,7 @@ class BatchEngine:
             # Outputs land in pinned memory without blocking; one event says both arrived.
             self._report_host = torch.empty((s, 3), dtype=i64, pin_memory=True)
             self._audio_host = torch.empty((s, hop), dtype=torch.float32, pin_memory=True)
+            self._inputs_host = torch.empty((s, cfg.lm.hidden_size), dtype=dt, pin_memory=True)
             self._done = torch.cuda.Event()
             if graphs is None or graphs:
                 # Captured now, with every slot inactive: warm-up runs change nothing but the
@@ -416,6 +450,7 @@ class BatchEngine:
         cfg_scale: float,
         frames_per_turn: int | None = None,
         stream: torch.cuda.Stream | None = None,
+        context: bool = False,
     ) -> None:
         """A session in `slot`: its system + voice prefix prefilled once, as `open_session`.
 
@@ -438,7 +473,7 @@ class BatchEngine:
             voice = rt.voice_embeddings(wavs, gen) if wavs else None
             rt.prefill(cache, 0, prompt.ids, 0, voice, prompt.voice_slots)
             h = torch.zeros(1, rt.cfg.lm.hidden_size, device=rt.device, dtype=rt.dtype)
-        self.sessions[slot] = Session(gen, cfg_scale, frames_per_turn, n, cache, h)
+        self.sessions[slot] = Session(gen, cfg_scale, frames_per_turn, context, n, cache, h)
 
     def check_turn(self, slot: int, speaker: int, text: str, turn: int) -> tuple[list[int], int]:
         """(text block ids, frame cap) of a turn, or ProtocolError(too_long) naming it when
@@ -452,7 +487,7 @@ class BatchEngine:
             max_frames = sess.frames_per_turn
         else:
             max_frames = self.frames_per_token * len(ids) + self.frames_slack
-        need = sess.prefix_len + len(ids) + max_frames + 1
+        need = sess.prefix_len + len(ids) + max_frames + 3  # speech_start, speech_end, 1 more
         room = min(self.window, self.rt.cfg.lm.max_position_embeddings)
         if need > room:
             raise ProtocolError(
@@ -474,40 +509,62 @@ class BatchEngine:
         turn: int = 0,
         stream: torch.cuda.Stream | None = None,
     ) -> EncodedTurn:
-        """The text stage of a turn, as generate.py's `encode_turn`; the slot may be rendering
-        its previous turn meanwhile (this writes only the session's own cache).
+        """The text stage of a `turns` turn, as generate.py's `encode_turn`: its text block
+        alone after the prefix. Raises ProtocolError(too_long) when it may not fit."""
+        ids, max_frames = self.check_turn(slot, speaker, text, turn)
+        return self.encode(slot, ids, turn=turn, max_frames=max_frames, stream=stream)
 
-        Raises ProtocolError(too_long) before anything is generated when the turn may not fit:
-        prefix + text + its frame cap must fit the window (and the model's positions).
-        """
+    @torch.no_grad()
+    def encode(
+        self,
+        slot: int,
+        ids: list[int],
+        frames: torch.Tensor | None = None,
+        at: Sequence[int] = (),
+        *,
+        turn: int,
+        max_frames: int,
+        stream: torch.cuda.Stream | None = None,
+    ) -> EncodedTurn:
+        """Prefill `ids` after the slot's prefix in the session's own cache, with `frames`
+        (F, H) as the inputs at positions `at` of `ids` (a context's speech, context.py). The
+        slot may be stepping meanwhile: this writes only the session's cache, on `stream`.
+        Everything it takes is plain data (ids, a host tensor), so a session's context can be
+        rebuilt in another process from what it saved."""
         sess = self.sessions[slot]
         if sess is None:
             raise ValueError(f"slot {slot} holds no session")
         rt = self.rt
-        ids, max_frames = self.check_turn(slot, speaker, text, turn)
         length = sess.prefix_len + len(ids)
+        if length + max_frames + 3 > self.window:
+            raise ValueError(f"slot {slot}: {length} positions and {max_frames} frames overflow")
+        started = time.perf_counter()
         with _on(stream):
             if sess.copied is not None:  # the pool may still be copying the previous turn
                 torch.cuda.current_stream().wait_event(sess.copied)
-            if sess.cache.capacity < length:  # sized by the longest turn so far
+            if sess.cache.capacity < length:  # sized by the longest context so far
                 grown = KVCache.allocate(rt.cfg.lm, 1, length + 256, rt.device, rt.dtype)
                 grown.copy_prefix(sess.cache, sess.prefix_len)
                 sess.cache = grown
-            sess.h.copy_(rt.prefill(sess.cache, 0, ids, sess.prefix_len))
+            inputs = frames.to(rt.device, rt.dtype) if frames is not None else None
+            sess.h.copy_(rt.prefill(sess.cache, 0, ids, sess.prefix_len, inputs, list(at)))
             if sess.frames_per_turn is not None:
                 first = rt.tok.speech_diffusion if sess.frames_per_turn > 0 else rt.tok.speech_end
             else:
                 # The one read of a turn's text stage, on its own stream: the decode loop needs
                 # the first token on the host to know whether to draw noise for it.
                 first = rt.choose(sess.h)
-        sess.encoded = EncodedTurn(slot, turn, length, max_frames, first)
+        sess.encoded = EncodedTurn(
+            slot, turn, length, max_frames, first, time.perf_counter() - started
+        )
         return sess.encoded
 
     @torch.no_grad()
-    def start_turn(self, enc: EncodedTurn) -> None:
-        """Put an encoded turn into its slot's rows (on the decode stream) and activate it,
-        as `render_turn` starts: prefix + text in the positive row, [speech_start] at 0 in
-        the negative row, codec state zeroed."""
+    def start_turn(self, enc: EncodedTurn, first: int | None = None) -> None:
+        """Put an encoded context into its slot's rows (on the decode stream) and activate it,
+        as `render_turn` starts: prefix + text (+ kept speech) in the positive row,
+        [speech_start] at 0 in the negative row, codec state zeroed. `first` replaces the
+        token the prefill chose (context.py's rules for eos and forced turns)."""
         i = enc.slot
         sess = self.sessions[i]
         if sess is None or sess.encoded is not enc:
@@ -523,20 +580,52 @@ class BatchEngine:
         s.h[i, 1].copy_(self._h_neg[0])
         s.pos[i, 0] = length
         s.pos[i, 1] = 0
-        s.tokens[i] = enc.first
-        s.n[i] = 0
-        s.cap[i] = enc.max_frames + 1
-        s.forced[i] = -1 if sess.frames_per_turn is None else sess.frames_per_turn
+        s.context[i] = sess.context
         s.cfg[i, 0] = sess.cfg_scale
         s.acoustic_flat[i].zero_()
         s.semantic_flat[i].zero_()
-        s.active[i] = True
         if self.rt.device.type == "cuda":
             sess.copied = torch.cuda.Event()
             sess.copied.record()
         sess.encoded = None
+        self._go(i, enc.max_frames, enc.first if first is None else first)
+
+    def go_on(self, slot: int, max_frames: int | None, first: int) -> None:
+        """`context`: the slot waits at a turn boundary; its next turn starts right here, in the
+        same context, with `first` as its next token (usually the one the model chose).
+        `max_frames` None: the same turn goes on (its frame count and cap stay)."""
+        if self._active[slot] or self._paused[slot]:
+            raise ValueError(f"slot {slot} is still in a turn")
+        if max_frames is not None:
+            self._go(slot, max_frames, first)
+        else:
+            self.set_next(slot, first)
+            self.state.active[slot] = True
+            self._active[slot] = True
+
+    def _go(self, i: int, max_frames: int, first: int) -> None:
+        sess = self.sessions[i]
+        assert sess is not None
+        s = self.state
+        # A turn that opens with speech_start spends a token on it: count it in the cap and,
+        # for a forced turn, before its frames (so the turn still has exactly F of them).
+        lead = int(first == self.rt.tok.speech_start)
+        s.tokens[i] = first
+        s.n[i] = 0
+        s.cap[i] = max_frames + 1 + lead
+        s.forced[i] = -1 if sess.frames_per_turn is None else sess.frames_per_turn + lead
+        s.active[i] = True
         self._active[i] = True
-        self._next[i] = enc.first
+        self._next[i] = first
+
+    def next_token(self, slot: int) -> int:
+        """The token the slot consumes next (chosen at the end of its last step)."""
+        return self._next[slot]
+
+    def set_next(self, slot: int, token: int) -> None:
+        """Replace the token an active slot consumes next (context.py: eos before the end)."""
+        self.state.tokens[slot] = token
+        self._next[slot] = token
 
     def begin_turn(
         self,
@@ -625,13 +714,15 @@ class BatchEngine:
                 assert sess is not None
                 noise[i].copy_(self.rt.noise(sess.gen)[0])
         self._run(b)
-        report, audio = self._fetch(b)
+        report, audio, inputs = self._fetch(b)
         frames = []
         for i in live:
             token, nxt, flags = (int(x) for x in report[i])
             self._active[i] = bool(flags & ACTIVE)
-            if self._active[i]:
+            if flags & (ACTIVE | BOUNDARY):
                 self._next[i] = nxt
+            sess = self.sessions[i]
+            keep = flags & AUDIO and sess is not None and sess.context
             frames.append(
                 SlotFrame(
                     i,
@@ -639,6 +730,8 @@ class BatchEngine:
                     audio[i].copy() if flags & AUDIO else None,
                     bool(flags & ENDED),
                     bool(flags & CAPPED),
+                    bool(flags & BOUNDARY),
+                    inputs[i].clone() if keep else None,
                 )
             )
         return frames
@@ -660,16 +753,18 @@ class BatchEngine:
         else:
             decode_step(self.w, self._views[b])
 
-    def _fetch(self, b: int) -> tuple[np.ndarray, np.ndarray]:
-        """The step's one device-to-host read: the report and the audio of slots [0, b)."""
+    def _fetch(self, b: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """The step's one device-to-host read: the report, the audio and the inputs of slots
+        [0, b) (the inputs: a context session keeps its frames' for rebuilds, a few KB each)."""
         s = self.state
         if self.rt.device.type != "cuda":
-            return s.report[:b].numpy(), s.audio[:b].numpy()
+            return s.report[:b].numpy(), s.audio[:b].numpy(), s.inputs[:b]
         self._report_host[:b].copy_(s.report[:b], non_blocking=True)
         self._audio_host[:b].copy_(s.audio[:b], non_blocking=True)
+        self._inputs_host[:b].copy_(s.inputs[:b], non_blocking=True)
         self._done.record()
         self._done.synchronize()
-        return self._report_host[:b].numpy(), self._audio_host[:b].numpy()
+        return self._report_host[:b].numpy(), self._audio_host[:b].numpy(), self._inputs_host[:b]
 
 
 # -- measuring -------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ position 0 at every speech_start and advances only on diffusion frames. Its forw
 speculatively in the same batch as the positive one and is kept only when the token is
 diffusion, which is what the reference's separate, conditional forward computes.
 
-Two modes share this loop:
-- `continuous` (`generate_continuous`): the whole script in one context, token for token what
-  the reference `generate` does, including the order of random draws for a given seed;
-- `turns` (`open_session` / `encode_turn` / `render_turn`): the system + voice prefix is encoded
-  once, each turn prefills only its own text on top of it (the text stage) and ends at speech_end,
-  so memory is bounded by the longest turn, not the script.
+This is the single-session loop of `turns` mode (`open_session` / `encode_turn` /
+`render_turn`): the system + voice prefix is encoded once, each turn prefills only its own text
+on top of it and ends at speech_end. The server and `vibecast synth` run every mode on the
+batched engine (batch.py, context.py); this loop stays as the plain statement of a frame that
+the batched step is tested against.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import torch
 from .diffusion import Sampler
 from .lm import KVCache
 from .model import VibeVoice
-from .processor import normalize_voice, prefix_prompt, script_prompt, text_block, voice_frames
+from .processor import normalize_voice, prefix_prompt, text_block, voice_frames
 from .tokenizer import TextTokenizer
 
 
@@ -234,35 +233,6 @@ class Runtime:
         if pending is not None:  # the step cap ended the loop: no token read has waited for it
             self.sync()
             yield pending.numpy()
-
-
-# -- continuous: the reference's generate, for parity ----------------------------------------------
-
-
-@torch.no_grad()
-def generate_continuous(
-    rt: Runtime,
-    lines: list[tuple[int, str]],
-    voices: list[np.ndarray],
-    cfg_scale: float,
-    steps: int,
-    seed: int,
-) -> tuple[list[int], np.ndarray]:
-    """The whole script in one context. Returns (generated tokens, 24 kHz audio)."""
-    gen = torch.Generator(device=rt.device).manual_seed(seed)
-    wavs = [normalize_voice(v) for v in voices[: len({s for s, _ in lines})]]
-    prompt = script_prompt(rt.tok, lines, [voice_frames(len(w)) for w in wavs])
-    length = len(prompt.ids)
-    max_steps = min(rt.cfg.lm.max_position_embeddings - length, 2 * length)
-    cache = KVCache.allocate(rt.cfg.lm, 2, length + max_steps + 1, rt.device, rt.dtype)
-    voice = rt.voice_embeddings(wavs, gen) if wavs else None
-    h_pos = rt.prefill(cache, 0, prompt.ids, 0, voice, prompt.voice_slots)
-    h_neg = rt.prefill(cache, 1, [rt.tok.speech_start], 0)  # the negative's first input
-    s = Streams(cache, length, 0, h_pos, h_neg)
-    acoustic, semantic = rt.codec_states()
-    tokens: list[int] = []
-    audio = list(rt.frames(s, gen, cfg_scale, steps, max_steps, acoustic, semantic, False, tokens))
-    return tokens, (np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
 
 # -- turns: prefix once, each turn on its own ------------------------------------------------------
