@@ -103,6 +103,9 @@ class Backend(Protocol):
     def realtime_capacity(self) -> int:
         """Sessions this backend keeps in real time at once on this machine (from warm-up)."""
 
+    def counters(self) -> dict[str, float]:
+        """Engine counters for /metrics (e.g. VibeVoice's `context_rebuilds`); may be empty."""
+
     def seconds_per_char(self) -> float:
         """A generous estimate of audio seconds per character, to refuse over-long scripts early."""
 

@@ -14,6 +14,7 @@ def load_backend(
     voices: str | None = None,
     slots: int | None = None,
     steps: int = 10,
+    window: int | None = None,
 ) -> Backend:
     """'piper' (default voice), a Piper .onnx file, or a VibeVoice directory or hub id."""
     if model == "piper":
@@ -31,4 +32,4 @@ def load_backend(
         return PiperBackend(path)
     from .vibevoice.backend import VibeVoiceBackend
 
-    return VibeVoiceBackend.load(model, device, dtype, voices, slots, steps)
+    return VibeVoiceBackend.load(model, device, dtype, voices, slots, steps, window)

@@ -243,6 +243,9 @@ class PiperBackend:
     def close_session(self, session: PiperSession) -> None:
         session.styles.clear()
 
+    def counters(self) -> dict[str, float]:
+        return {}
+
     def seconds_per_char(self) -> float:
         # Joe reads ~15 characters a second; the slowest style is 6% slower. Round up generously.
         return 0.085

@@ -112,6 +112,7 @@ def create_app(
             backend, config, state.store, state.archive, state.metrics, catalogue
         )
         state.metrics.track_active(state.sessions.active_count)
+        state.metrics.track_engine(state.backend.counters)
         state.metrics.engine_ready.set(1)
         log.info(
             "engine %s ready (%d voices, %d sessions at once)",

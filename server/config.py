@@ -46,6 +46,10 @@ class ServerConfig:
     device: str = "auto"
     diffusion_steps: int = 10
     """VibeVoice: diffusion steps per frame, the same for every session (they share a batch)."""
+    context_window: int = 0
+    """VibeVoice: positions of context each session holds (voice prompts, the text block, the
+    speech of the turns kept); `context` mode slides it at turn boundaries. 0: 2048 on a CPU,
+    2560 on a GPU (docs/modes.md says why)."""
     dtype: str = "auto"
     limits: Limits = field(default_factory=Limits)
     max_sessions: int = 0

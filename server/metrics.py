@@ -54,5 +54,17 @@ class Metrics:
     def track_active(self, count: Callable[[], int]) -> None:
         self.active.set_function(count)
 
+    def track_engine(self, counters: Callable[[], dict[str, float]]) -> None:
+        """The backend's own counters (`Backend.counters`), read at each scrape."""
+
+        def reader(name: str) -> Callable[[], float]:
+            return lambda: counters().get(name, 0.0)
+
+        for name, help_ in (
+            ("context_rebuilds", "Context windows rebuilt at turn boundaries (VibeVoice)"),
+            ("context_rebuild_seconds", "Prefill time of those rebuilds"),
+        ):
+            Gauge(f"vibecast_{name}", help_, registry=self.registry).set_function(reader(name))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -67,7 +67,13 @@ def uvicorn_config(
             return backend
         slots = config.max_sessions or None  # VibeVoice: its batch holds what may be admitted
         return load_backend(
-            config.model, config.device, config.dtype, config.voices, slots, config.diffusion_steps
+            config.model,
+            config.device,
+            config.dtype,
+            config.voices,
+            slots,
+            config.diffusion_steps,
+            config.context_window or None,
         )
 
     app = create_app(config, load)

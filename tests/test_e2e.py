@@ -11,11 +11,19 @@ import itertools
 
 import numpy as np
 import pytest
-from helpers import DIALOGUE, decode_session, run_session
+from helpers import (
+    DIALOGUE,
+    SessionResult,
+    decode_session,
+    get_text,
+    metric,
+    run_session,
+    turns_of,
+)
 from vibevoice_helpers import TINY, voice_dir
 
 from vibecast.engine.pitch import median_f0, semitones
-from vibecast.protocol import Audio, Progress, TurnEnd, TurnStart
+from vibecast.protocol import Appended, Audio, Client, Progress, TurnEnd, TurnStart
 from vibecast.server.config import ServerConfig
 from vibecast.server.run import ServerThread
 
@@ -26,27 +34,80 @@ def piper_dialogue(server):
 
 
 @pytest.fixture(scope="module")
-def vibevoice_dialogue(tmp_path_factory):
-    """The same dialogue through `vibecast serve --model DIR --voices DIR` with the tiny model."""
+def vibevoice_server(tmp_path_factory):
+    """`vibecast serve --model DIR --voices DIR` with the tiny model, `context` by default."""
     voices = voice_dir(tmp_path_factory.mktemp("voices"))
     config = ServerConfig(
         port=0, model=str(TINY), voices=str(voices), device="cpu", dtype="float32"
     ).replace(diffusion_steps=3)
     with ServerThread(config) as server:
-        speakers = [{"voice": ["ann", "ben"][i % 2]} for i in range(4)]
-        return asyncio.run(run_session(server.ws_url, speakers, options={"seed": 2}))
+        yield server
 
 
-@pytest.fixture(params=["piper", "vibevoice"])
+VIBEVOICE_SPEAKERS = [{"voice": ["ann", "ben"][i % 2]} for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def vibevoice_dialogue(vibevoice_server):
+    """The whole dialogue at once, in `context` mode (the default; said here to be sure)."""
+    return asyncio.run(
+        run_session(
+            vibevoice_server.ws_url, VIBEVOICE_SPEAKERS, options={"seed": 2, "mode": "context"}
+        )
+    )
+
+
+async def appended_session(url: str) -> SessionResult:
+    """Three turns, three more once turn 1 starts, the last two once turn 5 (the last one known
+    then) starts: each batch joins the model's text block at the next context rebuild, and the
+    session may have to wait at a turn boundary for the text (random weights may end turns
+    without audio, so the appends follow turns, not audio)."""
+    turns = turns_of()
+    async with await Client.connect(url) as client:
+        ready = await client.start(VIBEVOICE_SPEAKERS, turns[:3], more=True, options={"seed": 2})
+        result = SessionResult(ready)
+        pending = [(1, turns[3:6], True), (5, turns[6:], False)]
+        async for msg in client:
+            result.messages.append(msg)
+            if pending and isinstance(msg, TurnStart) and msg.turn == pending[0][0]:
+                _, more_turns, more = pending.pop(0)
+                await client.append(more_turns, more=more)
+        result.close_code = client.close_code
+    return result
+
+
+@pytest.fixture(scope="module")
+def vibevoice_appended(vibevoice_server):
+    before = metric(get_text(vibevoice_server.http_url + "/metrics"), "vibecast_context_rebuilds")
+    result = asyncio.run(appended_session(vibevoice_server.ws_url))
+    after = metric(get_text(vibevoice_server.http_url + "/metrics"), "vibecast_context_rebuilds")
+    return result, after - before
+
+
+def test_appended_turns_join_the_context_by_a_rebuild(vibevoice_appended) -> None:
+    result, rebuilds = vibevoice_appended
+    assert result.done.turns == len(DIALOGUE)
+    assert rebuilds >= 1  # turn 3's line was not in the first text block
+
+
+@pytest.fixture(params=["piper", "vibevoice", "vibevoice_appended"])
 def dialogue(request):
     return request.getfixturevalue(f"{request.param}_dialogue")
+
+
+@pytest.fixture(scope="module")
+def vibevoice_appended_dialogue(vibevoice_appended):
+    return vibevoice_appended[0]
 
 
 def test_messages_come_in_protocol_order(dialogue) -> None:
     kinds = dialogue.kinds()
     assert kinds[-1] == "done"
     # Per turn: turn_start, then at least one audio, then turn_end.
-    turn_messages = [m for m in dialogue.messages if not isinstance(m, Progress)][:-1]
+    # `appended` acknowledges an append whenever it arrives; the turns' messages go around it.
+    appended = [m for m in dialogue.messages if isinstance(m, Appended)]
+    assert [m.turns for m in appended] in ([], [6, 8])
+    turn_messages = [m for m in dialogue.messages if not isinstance(m, Progress | Appended)][:-1]
     groups = [list(g) for _, g in itertools.groupby(turn_messages, key=lambda m: m.turn)]
     assert [g[0].turn for g in groups] == list(range(len(DIALOGUE)))
     for turn, group in enumerate(groups):

@@ -137,6 +137,15 @@ def main(argv: list[str] | None = None) -> None:
         "capacity the server measures at start-up)",
     )
     bench.add_argument(
+        "--context-minutes",
+        type=float,
+        metavar="M",
+        help="instead, VibeVoice: one session in context mode through M minutes of speech "
+        "(turns of --frames-per-turn frames, default 100): resident memory each minute, "
+        "context rebuilds and their prefill cost per turn",
+    )
+    bench.add_argument("--steps", type=int, default=10, help="VibeVoice: diffusion steps per frame")
+    bench.add_argument(
         "--soak",
         type=float,
         metavar="MINUTES",
@@ -173,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
         from .say import run_say
 
         code = run_say(args)
+    elif args.command == "bench" and args.context_minutes:
+        from .bench_context import run_context_bench
+
+        code = run_context_bench(args)
     elif args.command == "bench" and args.soak:
         from .soak import run_soak
 

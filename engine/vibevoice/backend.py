@@ -302,7 +302,11 @@ class VibeVoiceBackend:
         self._voices = voices
         cuda = rt.device.type == "cuda"
         slots = slots or (64 if cuda else 8)
-        window = min(window or (4096 if cuda else 2048), rt.cfg.lm.max_position_embeddings)
+        # 2560 on a GPU: cloned voices drift after 4-5 minutes in one context (MS#106) and long
+        # passages speed up (MS#57), so a window holds at most ~4 min of speech (~1800 frames
+        # beside a 4-voice prefix and the text block), and about half that after a rebuild;
+        # 1.5B bf16: 146 MB of KV per slot. docs/modes.md has the figures.
+        window = min(window or (2560 if cuda else 2048), rt.cfg.lm.max_position_embeddings)
         self.engine = BatchEngine(rt, slots, window, steps)
         self.group = BatchGroup(self.engine)
         self._capacity = 1  # measured by warmup()
@@ -315,6 +319,7 @@ class VibeVoiceBackend:
         voices: str | None = None,
         slots: int | None = None,
         steps: int = 10,
+        window: int | None = None,
     ) -> VibeVoiceBackend:
         rt = load_runtime(model, device, dtype)
         catalogue: dict[str, np.ndarray] = {}
@@ -327,7 +332,7 @@ class VibeVoiceBackend:
                     catalogue[f.stem] = at_24k(*read_voice_file(f, f"--voices {voices}: {f.name}"))
             if not catalogue:
                 raise ValueError(f"--voices {voices}: no .wav, .ogg or .opus files in it")
-        return VibeVoiceBackend(rt, rt.name, catalogue, slots, steps=steps)
+        return VibeVoiceBackend(rt, rt.name, catalogue, slots, window, steps)
 
     def voices(self) -> list[Voice]:
         return [
@@ -375,6 +380,12 @@ class VibeVoiceBackend:
 
     def close_session(self, session: int) -> None:
         self.engine.close(session)
+
+    def counters(self) -> dict[str, float]:
+        return {
+            "context_rebuilds": float(self.group.rebuilds),
+            "context_rebuild_seconds": self.group.rebuild_s,
+        }
 
     def seconds_per_char(self) -> float:
         return 0.085

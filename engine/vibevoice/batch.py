@@ -14,10 +14,11 @@ Pool layout (allocated once, written in place; S = max_slots, W = window):
     active  (S,) bool     acoustic / semantic codec state: one flat (S, N) buffer each
     noise   (S, latent)   audio (S, 3200) float32, report (S, 3) int64: the step's outputs
 
-Why a preallocated pool and not paged blocks. In `turns` mode a slot holds the voice prefix and
-one turn, never the script, so its length is bounded when the turn is admitted (`encode_turn`
-refuses a turn that may not fit, before anything is generated). Fixed rows waste what a turn
-leaves unused (up to half the pool: the negative row only ever holds one turn's frames), but
+Why a preallocated pool and not paged blocks. A slot never holds the script: in `turns` mode the
+voice prefix and one turn, in `context` mode a window that slides at turn boundaries
+(context.py), so its length is bounded when a turn starts (`check_turn` refuses a turn that
+may not fit even alone, before anything is generated). Fixed rows waste what a slot leaves
+unused (up to half the pool: the negative row only ever holds one turn's frames), but
 - SDPA wants a contiguous (rows, heads, S, head_dim) cache; paged blocks need a block table
   and a paged-attention kernel (flash-attn, FlashInfer: not dependencies here), or a gather of
   every row's blocks each step, i.e. another read and write of all the KV per step;
@@ -38,7 +39,9 @@ measures where a step passes 133 ms.
 
 One step (`decode_step`), in `Runtime.frames`' order, for every slot at once:
     token t (chosen at the end of the previous step, already on the device; masked if inactive)
-    speech_end / eos: the turn is over (ENDED), the codec state of that slot is zeroed
+    speech_end / eos: the turn is over (ENDED), the codec state of that slot is zeroed; in
+        `context` mode speech_end is consumed like any input and the slot stops at the
+        BOUNDARY until the host goes on or rebuilds its context (context.py)
     CFG diffusion of all 2S rows in one head batch -> latent (S, 64)
     acoustic decoder (S streams) -> audio (S, 3200) -> semantic encoder (S streams)
     next input = connectors(latent, features) where t is speech_diffusion, else embed(t)
