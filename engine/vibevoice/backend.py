@@ -20,7 +20,7 @@ from ..scheduler import HEADROOM, Events, Runner
 from ..voice_audio import decode_voice_audio
 from .batch import BatchEngine, EncodedTurn, Parked, SlotFrame, count_ops, decode_step
 from .config import SAMPLE_RATE
-from .context import TurnRecord, Window
+from .context import Saved, TurnRecord, Window
 from .generate import Runtime
 from .weights import load_runtime
 
@@ -52,7 +52,9 @@ class SlotRunner:
     at each boundary the slot either goes on in place or has its context rebuilt (a prefill
     job on the group's prefill worker: the other sessions keep stepping meanwhile)."""
 
-    def __init__(self, group: BatchGroup, slot: int, feed: TurnFeed) -> None:
+    def __init__(
+        self, group: BatchGroup, slot: int, feed: TurnFeed, saved: Saved | None = None
+    ) -> None:
         self.group = group
         self.slot = slot
         self.feed = feed
@@ -72,6 +74,24 @@ class SlotRunner:
         self.parked: Parked | None = None  # the slot's state in host memory, while detached
         self.over = False
         group.members[slot] = self
+        if saved is not None:
+            self._restore(saved, sess.gen)
+
+    def save(self) -> Saved:
+        """A context session between turns as plain data (context.py's `Saved`): another
+        engine, in another process, rebuilds it from this and the session's start request."""
+        if self.window is None or self.turn or self.held or self.pending or self.over:
+            raise ValueError("only a context session between two turns can be saved")
+        sess = self.group.engine.sessions[self.slot]
+        assert sess is not None
+        return self.window.save(self.next, sess.gen.get_state())
+
+    def _restore(self, saved: Saved, gen: torch.Generator) -> None:
+        if self.window is None:
+            raise ValueError("a saved context needs a session opened in context mode")
+        self.window.restore(saved)
+        gen.set_state(saved.rng)  # after the voice prompts' draws, where the session was
+        self.next = saved.next
 
     def ready(self) -> bool:
         if self.parked is not None and self.group.engine.free_slot() is None:
@@ -390,8 +410,10 @@ class VibeVoiceBackend:
     def seconds_per_char(self) -> float:
         return 0.085
 
-    def runner(self, session: int, feed: TurnFeed) -> SlotRunner:
-        return SlotRunner(self.group, session, feed)
+    def runner(self, session: int, feed: TurnFeed, saved: Saved | None = None) -> SlotRunner:
+        """`saved`: continue a context session saved elsewhere (`SlotRunner.save`), opened
+        here with the same voices and seed; its context is rebuilt before its next turn."""
+        return SlotRunner(self.group, session, feed, saved)
 
     def warmup(self) -> None:
         """Run a turn through the engine, then time a step: every step runs all slots (static

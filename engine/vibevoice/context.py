@@ -74,6 +74,38 @@ def context_inputs(
     return ids, (torch.stack(frames) if frames else None), at
 
 
+@dataclass
+class Saved:
+    """A context session between turns k - 1 and k, as plain data (ints and host tensors):
+    `as_dict` / `from_dict` go through safetensors, pickle-free `torch.load`, Redis."""
+
+    next: int  # k: the turn to speak next
+    first: int  # the first turn kept in the window
+    records: list[TurnRecord]  # turns first .. k - 1
+    rng: torch.Tensor  # uint8: the session's generator state (noise draws continue from it)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "next": self.next,
+            "first": self.first,
+            "rng": self.rng,
+            "records": [
+                {
+                    "tokens": torch.tensor(r.tokens, dtype=torch.int64),
+                    "frames": torch.stack(r.frames) if r.frames else torch.zeros(0),
+                }
+                for r in self.records
+            ],
+        }
+
+    @staticmethod
+    def from_dict(d: dict) -> Saved:
+        records = [
+            TurnRecord(r["tokens"].tolist(), list(r["frames"].unbind(0))) for r in d["records"]
+        ]
+        return Saved(int(d["next"]), int(d["first"]), records, d["rng"])
+
+
 class Window:
     """Which turns a slot's context holds, and when and how it slides (one per session)."""
 
@@ -140,6 +172,14 @@ class Window:
         return context_inputs(
             self.tok, lines, first, end, self.records[first - self.first : k - self.first]
         )
+
+    def save(self, next_turn: int, rng: torch.Tensor) -> Saved:
+        return Saved(next_turn, self.first, list(self.records), rng)
+
+    def restore(self, saved: Saved) -> None:
+        """Turns first .. next - 1 kept, nothing in the slot yet: the next turn rebuilds."""
+        self.first, self.records = saved.first, list(saved.records)
+        self.end = self.used = 0
 
     def consumed(self, token: int, frame: torch.Tensor | None) -> None:
         self.records[-1].add(token, frame)
