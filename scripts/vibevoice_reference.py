@@ -303,29 +303,9 @@ def main(out: Path, weights_seed: int) -> None:
         audio_processor=VibeVoiceTokenizerProcessor(),
     )
     v = voices()
-    inputs = processor(
-        text=[SCRIPT],
-        voice_samples=[v],
-        padding=True,
-        return_tensors="pt",
-        return_attention_mask=True,
-    )
-    ref.set_ddpm_inference_steps(STEPS)
-    torch.manual_seed(SEED)
-    result = ref.generate(
-        **inputs,
-        max_new_tokens=None,
-        cfg_scale=CFG_SCALE,
-        tokenizer=processor.tokenizer,
-        generation_config={"do_sample": False},
-        verbose=False,
-        show_progress_bar=False,
-    )
-    prompt_len = inputs["input_ids"].shape[1]
-    tokens = result.sequences[0, prompt_len:].tolist()
-    speech = result.speech_outputs[0]
+    inputs, tokens, speech, _ = generate(ref, processor, SCRIPT, v, SEED)
     fx.update(voice_0=torch.from_numpy(v[0]), voice_1=torch.from_numpy(v[1]))
-    fx["gen_audio"] = speech.reshape(-1).float() if speech is not None else torch.zeros(0)
+    fx["gen_audio"] = speech
     save_file(
         {
             k: t.contiguous().float() if t.is_floating_point() else t.contiguous()
@@ -354,7 +334,7 @@ def main(out: Path, weights_seed: int) -> None:
     }
     (out / "reference.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary["counts"]), len(tokens), "tokens,", fx["gen_audio"].numel(), "samples")
-    record_long(ref, processor, out, fx["gen_audio"], inputs)
+    record_long(ref, processor, out, fx["gen_audio"])
 
 
 def generate(ref, processor, script: str, wavs: list[np.ndarray], seed: int):
@@ -408,7 +388,7 @@ LONG_SEED = 19  # 119 frames; one ulp on the voices moves its audio by 4e-6 (see
 DROP = 4  # the rebuild fixture drops the first turns of the long take, keeps the next two
 
 
-def record_long(ref, processor, out: Path, short_audio: torch.Tensor, short_inputs) -> None:
+def record_long(ref, processor, out: Path, short_audio: torch.Tensor) -> None:
     """A longer take (several turns, 60+ frames), the same runs again on one thread (a fixture
     must not hinge on rounding), and the LM forward over a context with its first turns
     dropped: what a window rebuild must reproduce."""

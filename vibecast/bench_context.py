@@ -8,6 +8,8 @@ import json
 import time
 from typing import Any
 
+import torch
+
 from .engine.backend import SynthesisParams, Turn
 from .engine.pipeline import TurnAudio, TurnFeed
 from .engine.vibevoice.backend import VibeVoiceBackend, drive
@@ -44,13 +46,14 @@ def long_take(
         if isinstance(event, TurnAudio):
             made += 1
             if made % FRAMES_PER_MINUTE == 0:
-                samples.append(
-                    {
-                        "minute": made / FRAMES_PER_MINUTE,
-                        "rss_mb": round(rss_mb(), 1),
-                        "rebuilds": backend.group.rebuilds - rebuilds[0],
-                    }
-                )
+                sample = {
+                    "minute": made / FRAMES_PER_MINUTE,
+                    "rss_mb": round(rss_mb(), 1),
+                    "rebuilds": backend.group.rebuilds - rebuilds[0],
+                }
+                if backend.rt.device.type == "cuda":
+                    sample["gpu_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
+                samples.append(sample)
     wall = time.perf_counter() - start
     count = backend.group.rebuilds - rebuilds[0]
     prefill = backend.group.rebuild_s - rebuilds[1]
@@ -87,9 +90,10 @@ def run_context_bench(args: Any) -> int:
         f"{r['frames_per_turn']} frames, window {r['window']} positions, {r['wall_s']} s "
         f"({r['frames_per_s']} frames/s)"
     )
-    print(f"{'minute':>7} {'RSS MB':>8} {'rebuilds':>9}")
+    print(f"{'minute':>7} {'RSS MB':>8} {'rebuilds':>9} {'GPU MB':>8}")
     for s in r["samples"]:
-        print(f"{s['minute']:>7.0f} {s['rss_mb']:>8.1f} {s['rebuilds']:>9}")
+        gpu = f"{s['gpu_mb']:>8.1f}" if "gpu_mb" in s else f"{'':>8}"
+        print(f"{s['minute']:>7.0f} {s['rss_mb']:>8.1f} {s['rebuilds']:>9} {gpu}")
     growth = r["rss_growth_from_minute_5"]
     print(
         f"rebuilds: {r['rebuilds']}, prefill {r['rebuild_prefill_s']} s in all, "

@@ -557,6 +557,8 @@ class BatchEngine:
                 # The one read of a turn's text stage, on its own stream: the decode loop needs
                 # the first token on the host to know whether to draw noise for it.
                 first = rt.choose(sess.h)
+            if stream is not None:  # done before the loop thread copies it into the pool
+                stream.synchronize()
         sess.encoded = EncodedTurn(
             slot, turn, length, max_frames, first, time.perf_counter() - started
         )
