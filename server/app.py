@@ -31,11 +31,22 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ..engine.backend import Backend
+from ..protocol.messages import ProtocolError
 from .archive import Archive
 from .config import ServerConfig
 from .connection import Connection, chosen_subprotocol
 from .identity import client_identity, is_loopback
 from .metrics import Metrics
+from .openai_api import (
+    MODEL_ALIASES,
+    ApiError,
+    SpeechRequest,
+    models_body,
+    open_session,
+    read_json,
+    speech_body,
+    speech_response,
+)
 from .sessions import Sessions
 from .store import MemoryStore, SessionStore
 
@@ -205,6 +216,52 @@ def create_app(
             headers={"Content-Disposition": f'attachment; filename="vibecast-{session_id}.opus"'},
         )
 
+    def api_refusal(e: ApiError) -> Response:
+        state.metrics.errors.labels(code=e.code).inc()
+        return e.response()
+
+    def served_models() -> list[str]:
+        assert state.backend is not None
+        return [state.backend.name, *MODEL_ALIASES]
+
+    async def audio_speech(request: Request) -> Response:
+        key = authorized(request)
+        if key is False:
+            return api_refusal(
+                ApiError(401, "unauthorized", "send 'Authorization: Bearer KEY' with an API key.")
+            )
+        if state.sessions is None or state.backend is None or state.draining:
+            return api_refusal(
+                ApiError(503, "not_ready", "the engine is loading or the server is stopping.")
+            )
+        hub = state.sessions
+        try:
+            data = await read_json(request, config.limits.max_frame_bytes)
+            names = [v.id for v in state.backend.voices()]
+            req = SpeechRequest(data, served_models(), names)
+            start = req.start()
+            session = await open_session(hub, start, client_identity(request, key or None))
+        except ApiError as e:
+            return api_refusal(e)
+        except ProtocolError as e:
+            return api_refusal(ApiError.of(e))
+        return speech_response(req, speech_body(hub, session, req, len(req.input)))
+
+    async def audio_voices(request: Request) -> Response:
+        if authorized(request) is False:
+            return refuse()
+        assert state.backend is not None
+        voices = [
+            {"id": v.id, "name": v.name, "description": v.description}
+            for v in state.backend.voices()
+        ]
+        return JSONResponse({"voices": voices})
+
+    async def models(request: Request) -> Response:
+        if authorized(request) is False:
+            return refuse()
+        return JSONResponse(models_body(served_models()[0]))
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
@@ -230,6 +287,9 @@ def create_app(
             WebSocketRoute("/v1/stream", stream),
             Route("/", index),
             Route("/v1/voices", voices),
+            Route("/v1/audio/speech", audio_speech, methods=["POST"]),
+            Route("/v1/audio/voices", audio_voices),
+            Route("/v1/models", models),
             Route("/v1/sessions/{session_id}/audio.opus", audio_file),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
