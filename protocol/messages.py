@@ -36,6 +36,7 @@ class Code(StrEnum):
     RATE_LIMITED = "rate_limited"
     IDLE_TIMEOUT = "idle_timeout"
     INTERNAL = "internal"
+    CONTENT_REJECTED = "content_rejected"  # never fatal: refused before any work, no close code
 
 
 # WebSocket close code sent after a fatal error with this code.

@@ -75,6 +75,13 @@ class ServerConfig:
     the address that its rate limit, downloads and log lines go by."""
     metrics_public: bool = False
     """Serve /metrics without an API key to everyone, not only to loopback clients."""
+    content_filter_words: str | None = None
+    """A UTF-8 file of words and phrases (matched case-insensitively as whole words) and
+    `re:PATTERN` lines, one a line, `#` for comments; a turn that matches one is refused with
+    `content_rejected` before any work. None: no list."""
+    content_filter_hook: str | None = None
+    """`module:function`, imported at start-up and called with each turn's text; it returns a
+    reason (str) to refuse the turn with `content_rejected`, or None to accept it. None: no hook."""
 
     def replace(self, **changes: Any) -> ServerConfig:
         limit_names = {f.name for f in dataclasses.fields(Limits)}

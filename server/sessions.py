@@ -25,6 +25,7 @@ from ..engine.voice_audio import decode_voice_audio
 from ..protocol.messages import Code, ProtocolError, Start, TurnSpec
 from .archive import Archive
 from .config import ServerConfig
+from .content_filter import ContentFilter
 from .metrics import Metrics
 from .output import OutputFormat
 from .session import Outcome, Session, SessionSpec, State
@@ -43,6 +44,9 @@ class Sessions:
         metrics: Metrics,
         catalogue: dict[str, str],
     ) -> None:
+        # First, so that bad filter settings stop the start-up before any thread is made; an
+        # attribute, so that every way in (WebSocket, HTTP) checks text with the same filter.
+        self.content_filter = ContentFilter.from_config(config)
         self.backend = backend
         self.config = config
         self.limits = config.limits
@@ -78,7 +82,8 @@ class Sessions:
     # -- policy --------------------------------------------------------------------------------
 
     def check_turns(self, turns: list[TurnSpec], before: int, chars_before: int) -> list[Turn]:
-        """Turns numbered after `before`, or too_long naming the turn that crosses a limit."""
+        """Turns numbered after `before`, or too_long naming the turn that crosses a limit, or
+        content_rejected naming the first turn the content filter refuses."""
         lim = self.limits
         if before + len(turns) > lim.max_turns:
             raise ProtocolError(
@@ -110,6 +115,10 @@ class Sessions:
                     field=f"turns[{i}].text",
                     turn=before + i,
                 )
+        # After the limits, which bound the filter's work; before any voice decoding, engine work
+        # or admission (start and append both come through here), so a refused turn never
+        # produces audio.
+        self.content_filter.check(turns, before)
         return [Turn(before + i, t.speaker, t.text.strip()) for i, t in enumerate(turns)]
 
     async def validate(self, start: Start, client: str) -> SessionSpec:

@@ -10,6 +10,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import av
@@ -283,8 +284,42 @@ def test_a_client_that_leaves_cancels_its_session(held) -> None:
     with client.audio.speech.with_streaming_response.create(
         model="tts-1", voice="alloy", input=LONG, response_format="pcm", extra_body=SEED
     ) as response:
-        next(response.iter_bytes(4096))
+        chunks = response.iter_bytes(4096)  # kept: dropping the iterator closes the body
+        next(chunks)
         (session,) = hub.sessions.values()
+        assert session.outcome is None
     # Closing the response mid-body closes the connection: the server ends the session.
     assert hub.wait_for(lambda: session.id not in hub.sessions, 10)
     assert session.outcome is not None and session.outcome.value == "cancelled"
+
+
+def test_a_full_server_answers_429_and_a_stopping_one_503(piper) -> None:
+    backend = _Held(piper)
+    with running_server(backend, max_sessions=1, max_queue=0) as server:
+        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="-", max_retries=0)
+        with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input=LONG, response_format="pcm"
+        ) as response:
+            chunks = response.iter_bytes(4096)
+            next(chunks)  # the one slot is taken, and nobody may wait
+            e = error_of(lambda: client.audio.speech.create(model="tts-1", voice="joe", input="x"))
+            assert e.status_code == 429 and e.body["code"] == "busy"  # type: ignore[index]
+            backend.gate.set()
+            server.state.sessions.scheduler.wake()
+        # What the lifespan sets when the server begins to stop (SIGTERM).
+        server.state.draining = True
+        e = error_of(lambda: client.audio.speech.create(model="tts-1", voice="alloy", input="x"))
+        assert e.status_code == 503
+        server.state.draining = False
+
+
+def test_the_content_filter_refuses_a_line_naming_it(piper) -> None:
+    words = Path(__file__).resolve().parent / "fixtures" / "content_filter_words.txt"
+    with running_server(piper, content_filter_words=str(words)) as server:
+        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="-", max_retries=0)
+        script = "Speaker 1: All fine here.\nSpeaker 2: Still fine.\nSpeaker 1: What an ass."
+        e = error_of(lambda: client.audio.speech.create(model="tts-1", voice="joe", input=script))
+        body: Any = e.body
+        assert e.status_code == 400 and body["code"] == "content_rejected"
+        assert body["param"] == "input" and "turns[2]" in body["message"]
+        assert not server.state.sessions.sessions  # nothing was made for it
