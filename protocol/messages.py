@@ -417,7 +417,7 @@ VOICE_FORMATS = ("wav", "ogg")
 CODECS = ("opus", "pcm_s16le")
 
 
-def _parse_start(m: dict[str, Any]) -> Start:
+def parse_start(m: dict[str, Any]) -> Start:
     raw_speakers = _get(m, "speakers", list, "", required=True)
     if not raw_speakers:
         raise ProtocolError(
@@ -509,7 +509,7 @@ def parse_client(
     m = unpack(data)
     kind = m["type"]
     if kind == "start":
-        return _parse_start(m)
+        return parse_start(m)
     if kind == "append":
         return Append(_turns(m, "", n_speakers, turns_before), _more(m))
     if kind == "playback":

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -35,20 +37,22 @@ from ..protocol.messages import ProtocolError
 from .archive import Archive
 from .config import ServerConfig
 from .connection import Connection, chosen_subprotocol
+from .formats import FORMATS, Encoder
+from .headless import open_session
 from .identity import client_identity, is_loopback
+from .jobs import FINISHED, Jobs
 from .metrics import Metrics
 from .openai_api import (
     MODEL_ALIASES,
     ApiError,
     SpeechRequest,
     models_body,
-    open_session,
     read_json,
     speech_body,
     speech_response,
 )
 from .sessions import Sessions
-from .store import MemoryStore, SessionStore
+from .store import JobRecord, MemoryStore, SessionStore
 
 log = logging.getLogger("vibecast.server")
 
@@ -73,6 +77,7 @@ class AppState:
     backend: Backend | None = None
     sessions: Sessions | None = None
     archive: Archive | None = None
+    jobs: Jobs | None = None
     draining: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
 
@@ -124,6 +129,8 @@ def create_app(
         )
         state.metrics.track_active(state.sessions.active_count)
         state.metrics.track_engine(state.backend.counters)
+        state.jobs = Jobs(state.sessions, config)
+        state.jobs.resume()
         state.metrics.engine_ready.set(1)
         log.info(
             "engine %s ready (%d voices, %d sessions at once)",
@@ -138,6 +145,7 @@ def create_app(
             state.draining = True
             state.metrics.engine_ready.set(0)
             sessions = list(state.sessions.sessions.values())
+            state.jobs.close()  # their sessions stop below; each job resumes at the next start
             for session in sessions:
                 session.stop()
             # Let the engine loop finish its current unit before the event loop goes away.
@@ -244,8 +252,129 @@ def create_app(
         except ApiError as e:
             return api_refusal(e)
         except ProtocolError as e:
-            return api_refusal(ApiError.of(e))
+            return api_refusal(ApiError.of(e, "input"))
         return speech_response(req, speech_body(hub, session, req, len(req.input)))
+
+    def job_context(request: Request) -> tuple[Jobs, str] | Response:
+        key = authorized(request)
+        if key is False:
+            return api_refusal(
+                ApiError(401, "unauthorized", "send 'Authorization: Bearer KEY' with an API key.")
+            )
+        if state.jobs is None or state.draining:
+            return api_refusal(
+                ApiError(503, "not_ready", "the engine is loading or the server is stopping.")
+            )
+        return state.jobs, client_identity(request, key or None)
+
+    def job_of(request: Request, jobs: Jobs, owner: str) -> JobRecord:
+        job_id = request.path_params["job_id"]
+        job = jobs.get(job_id, owner)
+        if job is None:  # someone else's job is answered as one that does not exist
+            raise ApiError(404, "unknown_job", f"no job {job_id!r} here for this key.", "id")
+        return job
+
+    async def jobs_create(request: Request) -> Response:
+        ctx = job_context(request)
+        if isinstance(ctx, Response):
+            return ctx
+        jobs, owner = ctx
+        try:
+            body = await read_json(request, config.limits.max_frame_bytes)
+            job = await jobs.submit(body, owner)
+        except ApiError as e:
+            return api_refusal(e)
+        except ProtocolError as e:
+            return api_refusal(ApiError.of(e))
+        return JSONResponse(jobs.status(job), status_code=202)
+
+    async def jobs_list(request: Request) -> Response:
+        ctx = job_context(request)
+        if isinstance(ctx, Response):
+            return ctx
+        jobs, owner = ctx
+        return JSONResponse({"jobs": [jobs.status(j) for j in jobs.owned_by(owner)]})
+
+    async def job_get(request: Request) -> Response:
+        ctx = job_context(request)
+        if isinstance(ctx, Response):
+            return ctx
+        jobs, owner = ctx
+        try:
+            job = job_of(request, jobs, owner)
+        except ApiError as e:
+            return api_refusal(e)
+        if request.method == "DELETE":
+            job = await jobs.cancel(job)
+        return JSONResponse(jobs.status(job))
+
+    async def job_events(request: Request) -> Response:
+        ctx = job_context(request)
+        if isinstance(ctx, Response):
+            return ctx
+        jobs, owner = ctx
+        try:
+            job = job_of(request, jobs, owner)
+        except ApiError as e:
+            return api_refusal(e)
+
+        async def events() -> AsyncIterator[bytes]:
+            last = None
+            while True:
+                current = jobs.get(job.id, owner)
+                if current is None:
+                    return
+                body = jobs.status(current)
+                if body != last:
+                    last = body
+                    yield f"event: status\ndata: {json.dumps(body)}\n\n".encode()
+                if current.status in FINISHED:
+                    return
+                async with jobs.changed:
+                    await jobs.changed.wait()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def job_audio(request: Request) -> Response:
+        ctx = job_context(request)
+        if isinstance(ctx, Response):
+            return ctx
+        jobs, owner = ctx
+        fmt = request.query_params.get("format", "wav")
+        try:
+            job = job_of(request, jobs, owner)
+            if fmt not in FORMATS:
+                raise ApiError(
+                    400, "bad_field", f"format must be one of {', '.join(FORMATS)}.", "format"
+                )
+            turn = request.path_params.get("turn")
+            if turn is not None:
+                turn = int(turn)
+                if not 0 <= turn < job.turns_done:
+                    raise ApiError(
+                        404,
+                        "unknown_turn",
+                        f"turn {turn} of job {job.id} is not finished; {job.turns_done} of "
+                        f"{job.turns_total} are.",
+                        "turn",
+                    )
+        except ApiError as e:
+            return api_refusal(e)
+
+        def body() -> Iterator[bytes]:
+            encoder = Encoder(fmt)
+            for pcm in jobs.pcm(job, turn):
+                if out := encoder.push(pcm):
+                    yield out
+            if out := encoder.finish():
+                yield out
+
+        name = f"vibecast-{job.id}" + (f"-turn{turn}" if turn is not None else "")
+        return StreamingResponse(
+            iterate_in_threadpool(body()),
+            media_type=FORMATS[fmt].media_type,
+            headers={"Content-Disposition": f'attachment; filename="{name}.{fmt}"'},
+        )
 
     async def audio_voices(request: Request) -> Response:
         if authorized(request) is False:
@@ -290,6 +419,12 @@ def create_app(
             Route("/v1/audio/speech", audio_speech, methods=["POST"]),
             Route("/v1/audio/voices", audio_voices),
             Route("/v1/models", models),
+            Route("/v1/jobs", jobs_create, methods=["POST"]),
+            Route("/v1/jobs", jobs_list, methods=["GET"]),
+            Route("/v1/jobs/{job_id}", job_get, methods=["GET", "DELETE"]),
+            Route("/v1/jobs/{job_id}/events", job_events),
+            Route("/v1/jobs/{job_id}/audio", job_audio),
+            Route("/v1/jobs/{job_id}/turns/{turn:int}/audio", job_audio),
             Route("/v1/sessions/{session_id}/audio.opus", audio_file),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -46,6 +46,13 @@ class ServerConfig:
     device: str = "auto"
     diffusion_steps: int = 10
     """VibeVoice: diffusion steps per frame, the same for every session (they share a batch)."""
+    jobs_dir: str = "~/.local/share/vibecast/jobs"
+    """Where jobs (POST /v1/jobs) keep their metadata (jobs.sqlite3) and audio; created when
+    the first job comes."""
+    jobs_max_age_s: float = 7 * 24 * 3600.0
+    """Finished jobs older than this are removed with their audio."""
+    jobs_max_bytes: int = 2 * 1024**3
+    """Past this much job audio on disk, the oldest finished jobs are removed."""
     context_window: int = 0
     """VibeVoice: positions of context each session holds (voice prompts, the text block, the
     speech of the turns kept); `context` mode slides it at turn boundaries. 0: 2048 on a CPU,

@@ -24,17 +24,16 @@ from ..engine.script import ScriptError, parse_script
 from ..protocol.messages import (
     Audio,
     Code,
-    Error,
     FormatSpec,
     Options,
     ProtocolError,
     SpeakerSpec,
     Start,
     TurnSpec,
-    parse_server,
 )
 from .formats import FORMATS, RATE, Encoder
-from .session import OutFrame, Session, State
+from .headless import messages_of
+from .session import Session
 from .sessions import Sessions
 
 log = logging.getLogger("vibecast.openai")
@@ -72,10 +71,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.param = status, code, message, param
 
     @staticmethod
-    def of(e: ProtocolError) -> ApiError:
+    def of(e: ProtocolError, turns_field: str | None = None) -> ApiError:
+        """`turns_field`: what the caller calls the script (the speech API's `input`)."""
         field = e.field
-        if field is not None and field.startswith("turns"):
-            field = "input"  # the caller sent `input`; the message names the line
+        if turns_field is not None and field is not None and field.startswith("turns"):
+            field = turns_field  # the message still names the line
         return ApiError(STATUS.get(Code(e.code), 400), e.code, e.message, field)
 
     def response(self) -> JSONResponse:
@@ -235,53 +235,11 @@ def _number(line: str) -> str:
     return line.split(":", 1)[0].split()[-1]
 
 
-async def open_session(hub: Sessions, start: Start, client: str) -> Session:
-    """Check, queue and open a session for an HTTP request (ProtocolError if refused)."""
-    hub.check_rate(client)
-    spec = await hub.validate(start, client)
-    session = hub.create(spec)
-    session.set_attached(True)  # the response is its listener; there is nothing to resume
-
-    async def queued(position: int, eta: float | None) -> None:
-        return None  # an HTTP client waits without being told
-
-    await hub.admit(session, queued)
-    if session.state is not State.QUEUED:  # ended while it waited (shutdown)
-        raise ProtocolError(Code.BUSY, "the server is shutting down; try again shortly.")
-    try:
-        await session.open()
-    except ProtocolError as e:
-        hub.end(session, refused=e)
-        raise
-    session.announced = True
-    session.start_engine()
-    return session
-
-
 async def pcm_of(hub: Sessions, session: Session) -> AsyncIterator[bytes]:
-    """The session's audio as 16-bit PCM, as it is made; raises ProtocolError if it fails.
-    Leaving early (the client went away) cancels the session."""
-    try:
-        while True:
-            frame: OutFrame = await session.next_frame()
-            if frame.terminal:
-                message = session.terminal_message()
-                session.sent(frame)
-                session.delivered = True
-                hub.end(session)
-                if isinstance(message, Error):
-                    raise ProtocolError(Code(message.code), message.message)
-                return
-            session.sent(frame)
-            assert frame.data is not None
-            msg = parse_server(frame.data)
-            if isinstance(msg, Audio) and msg.pcm:
-                yield msg.pcm
-    finally:
-        if not session.delivered:
-            session.cancel()
-            session.delivered = True
-            hub.end(session)
+    """The session's audio as 16-bit PCM, as it is made (headless.messages_of)."""
+    async for msg in messages_of(hub, session):
+        if isinstance(msg, Audio) and msg.pcm:
+            yield msg.pcm
 
 
 def speech_body(

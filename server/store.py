@@ -122,3 +122,39 @@ class MemoryStore:
     def queue(self) -> list[str]:
         with self._lock:
             return sorted(self._queue, key=self._queue.__getitem__)
+
+
+@dataclass
+class JobRecord:
+    """A job (server/jobs.py) as the store keeps it: plain fields, so any store can hold it."""
+
+    id: str
+    owner: str  # client identity (API key name or address): only it sees the job
+    request: str  # the `start` body as JSON (voice uploads base64)
+    created: float
+    status: str = "queued"  # queued, running, done, failed, cancelled
+    updated: float = 0.0
+    turns_total: int = 0
+    turns_done: int = 0  # turns whose audio is complete on disk, in order
+    samples_done: int = 0  # 24 kHz samples in those turns
+    audio_s_estimate: float = 0.0
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class JobStore(Protocol):
+    """Where jobs' metadata lives: SQLite on one machine (server/job_store.py); the scale-out
+    issue puts the same calls on Redis or Postgres."""
+
+    def put(self, job: JobRecord) -> None:
+        """Insert or replace."""
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def owned_by(self, owner: str) -> list[JobRecord]:
+        """Newest first."""
+
+    def all(self) -> list[JobRecord]:
+        """Oldest first."""
+
+    def delete(self, job_id: str) -> None: ...

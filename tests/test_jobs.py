@@ -1,0 +1,248 @@
+"""Jobs (server/jobs.py) through a real server: submitted, followed by server-sent events,
+downloaded; the same audio as a WebSocket session of the same script and seed; a playable
+preview while it runs; cancelled; private to its key; and finished after a SIGKILL and a
+restart with no turn missing or repeated."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from conftest import running_server
+from test_openai_api import _Held
+
+from vibecast.protocol import Audio, Client
+
+VOICES = [{"voice": "joe"}, {"voice": "joe-deep"}]
+
+
+def script(lines: int) -> list[dict[str, Any]]:
+    return [
+        {"speaker": i % 2, "text": f"This is line {i} of a long script, read for the job test."}
+        for i in range(lines)
+    ]
+
+
+def call(
+    url: str, body: Any = None, method: str | None = None, key: str | None = None
+) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            raw = r.read()
+            kind = r.headers.get("content-type", "")
+            return r.status, json.loads(raw) if kind.startswith("application/json") else raw
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def follow(base: str, job_id: str, until: Any, key: str | None = None) -> dict[str, Any]:
+    """Read the job's server-sent events until `until(status)` holds; returns that status."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(f"{base}/v1/jobs/{job_id}/events", headers=headers)
+    with urllib.request.urlopen(request, timeout=120) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                status = json.loads(line[6:])
+                if until(status):
+                    return status
+    raise AssertionError("the event stream ended first")
+
+
+def wav_pcm(data: bytes) -> np.ndarray:
+    audio, rate = soundfile.read(io.BytesIO(data), dtype="int16")
+    assert rate == 24000
+    return audio
+
+
+async def websocket_pcm(url: str, turns: list[dict[str, Any]], seed: int) -> np.ndarray:
+    async with await Client.connect(url) as client:
+        await client.start(
+            VOICES,
+            turns,
+            format={"codec": "pcm_s16le", "sample_rate": 24000},
+            options={"seed": seed},
+        )
+        pcm = [m.pcm async for m in client if isinstance(m, Audio) and m.pcm]
+    return np.frombuffer(b"".join(pcm), dtype="<i2")
+
+
+@pytest.fixture(scope="module")
+def jobs_server(piper, tmp_path_factory):
+    with running_server(piper, jobs_dir=str(tmp_path_factory.mktemp("jobs"))) as server:
+        yield server
+
+
+def test_a_three_minute_job_is_the_websocket_sessions_audio(jobs_server) -> None:
+    base, turns = jobs_server.http_url, script(64)
+    status, job = call(
+        f"{base}/v1/jobs", {"speakers": VOICES, "turns": turns, "options": {"seed": 5}}
+    )
+    assert status == 202 and job["status"] in ("queued", "running")
+    assert job["progress"]["turns_total"] == 64
+    done = follow(base, job["id"], lambda s: s["status"] == "done")
+    assert done["progress"]["turns_done"] == 64 and done["progress"]["seconds_done"] > 180
+    status, wav = call(f"{base}/v1/jobs/{job['id']}/audio?format=wav")
+    assert status == 200
+    whole = wav_pcm(wav)
+    ws = asyncio.run(websocket_pcm(jobs_server.ws_url, turns, 5))
+    np.testing.assert_array_equal(whole, ws)
+    # One turn alone, in another format: decodes to that turn's share of the take.
+    status, mp3 = call(f"{base}/v1/jobs/{job['id']}/turns/3/audio?format=mp3")
+    turn, rate = soundfile.read(io.BytesIO(mp3))
+    assert status == 200 and rate == 24000 and 0.5 < len(turn) / rate < 10
+
+
+def test_the_preview_of_a_running_job_is_a_playable_prefix(piper, tmp_path) -> None:
+    backend = _Held(piper)  # only turn 0 is spoken until the gate opens
+    with running_server(backend, jobs_dir=str(tmp_path)) as server:
+        base = server.http_url
+        turns = script(6)
+        _, job = call(
+            f"{base}/v1/jobs", {"speakers": VOICES, "turns": turns, "options": {"seed": 2}}
+        )
+        running = follow(base, job["id"], lambda s: s["progress"]["turns_done"] == 1)
+        assert running["status"] == "running"
+        _, preview = call(f"{base}/v1/jobs/{job['id']}/audio?format=wav")
+        prefix = wav_pcm(preview)
+        assert len(prefix) > 12000
+        status, body = call(f"{base}/v1/jobs/{job['id']}/turns/4/audio")
+        assert status == 404 and body["error"]["code"] == "unknown_turn"
+        backend.gate.set()
+        server.state.sessions.scheduler.wake()
+        follow(base, job["id"], lambda s: s["status"] == "done")
+        _, whole = call(f"{base}/v1/jobs/{job['id']}/audio?format=wav")
+        final = wav_pcm(whole)
+        assert len(final) > len(prefix)
+        np.testing.assert_array_equal(final[: len(prefix)], prefix)
+
+
+def test_a_job_can_be_cancelled_and_is_private_to_its_key(piper, tmp_path) -> None:
+    backend = _Held(piper)
+    with running_server(backend, jobs_dir=str(tmp_path), api_keys=("alice", "bob")) as server:
+        base = server.http_url
+        body = {"speakers": VOICES, "turns": script(4)}
+        status, job = call(f"{base}/v1/jobs", body, key="alice")
+        assert status == 202
+        follow(base, job["id"], lambda s: s["status"] == "running", key="alice")
+        for url, method in (
+            (f"{base}/v1/jobs/{job['id']}", None),
+            (f"{base}/v1/jobs/{job['id']}/audio", None),
+            (f"{base}/v1/jobs/{job['id']}", "DELETE"),
+        ):
+            status, answer = call(url, method=method, key="bob")
+            assert status == 404 and answer["error"]["code"] == "unknown_job"
+        status, listed = call(f"{base}/v1/jobs", key="bob")
+        assert status == 200 and listed["jobs"] == []
+        status, cancelled = call(f"{base}/v1/jobs/{job['id']}", method="DELETE", key="alice")
+        assert status == 200 and cancelled["status"] == "cancelled"
+        hub = server.state.sessions
+        assert hub.wait_for(lambda: not hub.sessions, 10)  # its session ended with it
+        status, listed = call(f"{base}/v1/jobs", key="alice")
+        assert [j["status"] for j in listed["jobs"]] == ["cancelled"]
+
+
+def test_bad_jobs_are_refused_before_they_are_kept(jobs_server) -> None:
+    base = jobs_server.http_url
+    status, body = call(f"{base}/v1/jobs", {"speakers": VOICES, "turns": []})
+    assert status == 400 and body["error"]["param"] == "turns"
+    status, body = call(f"{base}/v1/jobs", {"speakers": [{"voice": "nobody"}], "turns": script(1)})
+    assert status == 400 and body["error"]["code"] == "unknown_voice"
+    status, body = call(
+        f"{base}/v1/jobs",
+        {"speakers": [{"voice_audio": "@@", "voice_format": "wav"}], "turns": script(1)},
+    )
+    assert status == 400 and body["error"]["param"] == "speakers[0].voice_audio"
+    status, body = call(f"{base}/v1/jobs/nope")
+    assert status == 404
+
+
+class Served:
+    """`vibecast serve --jobs-dir FOLDER` in its own process, at the address it prints once
+    its engine is warm."""
+
+    def __init__(self, folder: Path) -> None:
+        cmd = [
+            sys.executable,
+            "-c",
+            "from vibecast.cli import main; main()",
+            "serve",
+            "--port",
+            "0",
+            "--jobs-dir",
+            str(folder),
+        ]
+        self.process = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        out = self.process.stdout
+        assert out is not None
+        for line in out:
+            if "vibecast: ready." in line:
+                found = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+                assert found, line
+                self.base = f"http://127.0.0.1:{found.group(1)}"
+                break
+        else:
+            raise AssertionError("the server exited before it was ready")
+        # Keep reading its log, or a full pipe would stop it; the pipe closes at its end.
+        self._drain = threading.Thread(target=self._read_to_end, daemon=True)
+        self._drain.start()
+
+    def _read_to_end(self) -> None:
+        out = self.process.stdout
+        assert out is not None
+        with out:
+            for _ in out:
+                pass
+
+    def stop(self, sig: int) -> None:
+        self.process.send_signal(sig)
+        self.process.wait(30)
+        self._drain.join(30)
+
+
+def test_a_job_killed_mid_run_finishes_after_a_restart(tmp_path) -> None:
+    folder = tmp_path / "jobs"
+    first = Served(folder)
+    base = first.base
+    try:
+        _, job = call(
+            f"{base}/v1/jobs", {"speakers": VOICES, "turns": script(40), "options": {"seed": 9}}
+        )
+        follow(base, job["id"], lambda s: s["progress"]["turns_done"] >= 5)
+    finally:
+        first.stop(signal.SIGKILL)
+    on_disk = sorted(p.name for p in (folder / job["id"]).iterdir())
+    assert 5 <= sum(name.endswith(".pcm") for name in on_disk) < 40  # killed mid-job
+    second = Served(folder)
+    base = second.base
+    try:
+        done = follow(base, job["id"], lambda s: s["status"] in ("done", "failed"))
+        assert done["status"] == "done" and done["progress"]["turns_done"] == 40
+        files = sorted(p.name for p in (folder / job["id"]).iterdir())
+        assert files == [f"turn-{k:05d}.pcm" for k in range(40)]  # none missing, none twice
+        sizes = [(folder / job["id"] / f).stat().st_size for f in files]
+        assert min(sizes) > 24000  # every turn holds speech (over half a second)
+        _, wav = call(f"{base}/v1/jobs/{job['id']}/audio?format=wav")
+        assert len(wav_pcm(wav)) * 2 == sum(sizes)
+    finally:
+        second.stop(signal.SIGTERM)
