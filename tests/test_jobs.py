@@ -6,6 +6,7 @@ restart with no turn missing or repeated."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import re
@@ -173,6 +174,31 @@ def test_bad_jobs_are_refused_before_they_are_kept(jobs_server) -> None:
     assert status == 400 and body["error"]["param"] == "speakers[0].voice_audio"
     status, body = call(f"{base}/v1/jobs/nope")
     assert status == 404
+    # The HTTP side's guards, as for the speech API: type, declared size, depth.
+    request = urllib.request.Request(
+        f"{base}/v1/jobs", data=b"{}", headers={"Content-Type": "text/plain"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 415
+    info.value.close()
+    conn = http.client.HTTPConnection("127.0.0.1", jobs_server.config.port, timeout=30)
+    conn.putrequest("POST", "/v1/jobs")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(jobs_server.config.limits.max_frame_bytes + 1))
+    conn.endheaders()
+    assert conn.getresponse().status == 413  # answered before a byte of the body was sent
+    conn.close()
+    deep = urllib.request.Request(
+        f"{base}/v1/jobs",
+        data=b"[" * 100_000 + b"]" * 100_000,
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(deep, timeout=30)
+    assert info.value.code == 400
+    info.value.close()
 
 
 class Served:
