@@ -272,3 +272,27 @@ def test_a_job_killed_mid_run_finishes_after_a_restart(tmp_path) -> None:
         assert len(wav_pcm(wav)) * 2 == sum(sizes)
     finally:
         second.stop(signal.SIGTERM)
+
+
+def say(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", "from vibecast.cli import main; main()", "say", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_say_job_submits_follows_and_downloads(jobs_server, tmp_path) -> None:
+    show = tmp_path / "show.txt"
+    show.write_text("Speaker 1: Welcome back to the show.\nSpeaker 2: Glad to be here again.\n")
+    out = tmp_path / "show.mp3"
+    r = say(str(show), "-o", str(out), "--job", "--server", jobs_server.ws_url, "--seed", "4")
+    assert r.returncode == 0, r.stderr
+    job_id = re.search(r"job (\S+) submitted", r.stderr)
+    assert job_id and "2 turns" in r.stdout
+    audio, rate = soundfile.read(out)
+    assert rate == 24000 and len(audio) / rate > 2
+    # Later, from anywhere: the same job by its id, in another format.
+    again = tmp_path / "again.wav"
+    r = say("-o", str(again), "--job", job_id.group(1), "--server", jobs_server.ws_url, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert abs(len(soundfile.read(again)[0]) - len(audio)) < 24000 * 0.2
+    r = say("-o", str(again), "--job", "nope", "--server", jobs_server.ws_url)
+    assert r.returncode == 2 and "unknown_job" in r.stderr

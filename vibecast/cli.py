@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_server_flags(serve)
 
     say = sub.add_parser("say", help="speak a script file into an .opus or .wav file")
-    say.add_argument("script", help="file of 'Speaker N: text' lines ('-' for stdin)")
+    say.add_argument("script", nargs="?", help="file of 'Speaker N: text' lines ('-' for stdin)")
     say.add_argument("-o", "--out", required=True, help="output file: .opus, .ogg or .wav")
     say.add_argument("--server", default="ws://127.0.0.1:8000/v1/stream", help="server to use")
     say.add_argument("--token", help="API key, when the server needs one")
@@ -98,6 +98,15 @@ def main(argv: list[str] | None = None) -> None:
         "(piper, a Piper .onnx, or a VibeVoice directory/hub id)",
     )
     say.add_argument("--voices", help="with --model: a directory of voice samples")
+    say.add_argument(
+        "--job",
+        nargs="?",
+        const="new",
+        metavar="ID",
+        help="as a job the server keeps (docs/jobs.md): submit the script, show its progress, "
+        "download the take when done (the output may be .mp3, .opus, .aac, .flac, .wav, .pcm); "
+        "--job ID follows and downloads a job submitted before",
+    )
     say.add_argument("--device", default="auto", help="with --model: cuda, cpu or auto")
     say.add_argument("--dtype", default="auto", help="with --model: bfloat16, float32 or auto")
 

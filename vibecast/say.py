@@ -191,12 +191,27 @@ async def say(
 
 
 def run_say(args: Any) -> int:
-    try:
-        script = Path(args.script).read_text("utf-8") if args.script != "-" else sys.stdin.read()
-        parse_script(script)
-    except (OSError, UnicodeDecodeError, ScriptError) as e:
-        print(f"vibecast say: {args.script}: {e}", file=sys.stderr)
+    script = None
+    if args.script is None and args.job in (None, "new"):
+        print("vibecast say: give the script file (or --job ID to follow a job)", file=sys.stderr)
         return 2
+    if args.script is not None:
+        try:
+            path = Path(args.script)
+            script = path.read_text("utf-8") if args.script != "-" else sys.stdin.read()
+            parse_script(script)
+        except (OSError, UnicodeDecodeError, ScriptError) as e:
+            print(f"vibecast say: {args.script}: {e}", file=sys.stderr)
+            return 2
+    if args.job is not None:
+        from .say_job import run_job
+
+        try:
+            return run_job(args, script)
+        except SayError as e:
+            print(f"vibecast say: {e}", file=sys.stderr)
+            return 2
+    assert script is not None
     out = Path(args.out)
     if args.model:
         from .server.config import ServerConfig
