@@ -19,11 +19,11 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool
@@ -228,102 +228,82 @@ def create_app(
         state.metrics.errors.labels(code=e.code).inc()
         return e.response()
 
+    def api(handler: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        """The HTTP API's boundary: a refusal becomes OpenAI's error shape, with our code."""
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as e:
+                return api_refusal(e)
+            except ProtocolError as e:
+                return api_refusal(ApiError.of(e))
+
+        return answer
+
+    def caller(request: Request) -> str:
+        """Who is asking (for ownership and rate limits); refuses a missing key or a server
+        that is not taking work."""
+        key = authorized(request)
+        if key is False:
+            raise ApiError(401, "unauthorized", "send 'Authorization: Bearer KEY' with an API key.")
+        if state.sessions is None or state.jobs is None or state.draining:
+            raise ApiError(503, "not_ready", "the engine is loading or the server is stopping.")
+        return client_identity(request, key or None)
+
     def served_models() -> list[str]:
         assert state.backend is not None
         return [state.backend.name, *MODEL_ALIASES]
 
+    @api
     async def audio_speech(request: Request) -> Response:
-        key = authorized(request)
-        if key is False:
-            return api_refusal(
-                ApiError(401, "unauthorized", "send 'Authorization: Bearer KEY' with an API key.")
-            )
-        if state.sessions is None or state.backend is None or state.draining:
-            return api_refusal(
-                ApiError(503, "not_ready", "the engine is loading or the server is stopping.")
-            )
-        hub = state.sessions
+        client = caller(request)
+        assert state.sessions is not None and state.backend is not None
+        data = await read_json(request, config.limits.max_frame_bytes)
+        req = SpeechRequest(data, served_models(), [v.id for v in state.backend.voices()])
         try:
-            data = await read_json(request, config.limits.max_frame_bytes)
-            names = [v.id for v in state.backend.voices()]
-            req = SpeechRequest(data, served_models(), names)
-            start = req.start()
-            session = await open_session(hub, start, client_identity(request, key or None))
-        except ApiError as e:
-            return api_refusal(e)
-        except ProtocolError as e:
-            return api_refusal(ApiError.of(e, "input"))
-        return speech_response(req, speech_body(hub, session, req, len(req.input)))
+            session = await open_session(state.sessions, req.start(), client)
+        except ProtocolError as e:  # the caller wrote `input`, not turns
+            raise ApiError.of(e, "input") from None
+        return speech_response(req, speech_body(state.sessions, session, req, len(req.input)))
 
-    def job_context(request: Request) -> tuple[Jobs, str] | Response:
-        key = authorized(request)
-        if key is False:
-            return api_refusal(
-                ApiError(401, "unauthorized", "send 'Authorization: Bearer KEY' with an API key.")
-            )
-        if state.jobs is None or state.draining:
-            return api_refusal(
-                ApiError(503, "not_ready", "the engine is loading or the server is stopping.")
-            )
-        return state.jobs, client_identity(request, key or None)
-
-    def job_of(request: Request, jobs: Jobs, owner: str) -> JobRecord:
+    def job_of(request: Request) -> tuple[Jobs, str, JobRecord]:
+        owner = caller(request)
+        assert state.jobs is not None
         job_id = request.path_params["job_id"]
-        job = jobs.get(job_id, owner)
+        job = state.jobs.get(job_id, owner)
         if job is None:  # someone else's job is answered as one that does not exist
             raise ApiError(404, "unknown_job", f"no job {job_id!r} here for this key.", "id")
-        return job
+        return state.jobs, owner, job
 
+    @api
     async def jobs_create(request: Request) -> Response:
-        ctx = job_context(request)
-        if isinstance(ctx, Response):
-            return ctx
-        jobs, owner = ctx
-        try:
-            body = await read_json(request, config.limits.max_frame_bytes)
-            job = await jobs.submit(body, owner)
-        except ApiError as e:
-            return api_refusal(e)
-        except ProtocolError as e:
-            return api_refusal(ApiError.of(e))
-        return JSONResponse(jobs.status(job), status_code=202)
+        owner = caller(request)
+        assert state.jobs is not None
+        body = await read_json(request, config.limits.max_frame_bytes)
+        job = await state.jobs.submit(body, owner)
+        return JSONResponse(state.jobs.status(job), status_code=202)
 
+    @api
     async def jobs_list(request: Request) -> Response:
-        ctx = job_context(request)
-        if isinstance(ctx, Response):
-            return ctx
-        jobs, owner = ctx
-        return JSONResponse({"jobs": [jobs.status(j) for j in jobs.owned_by(owner)]})
+        owner = caller(request)
+        assert state.jobs is not None
+        return JSONResponse({"jobs": [state.jobs.status(j) for j in state.jobs.owned_by(owner)]})
 
+    @api
     async def job_get(request: Request) -> Response:
-        ctx = job_context(request)
-        if isinstance(ctx, Response):
-            return ctx
-        jobs, owner = ctx
-        try:
-            job = job_of(request, jobs, owner)
-        except ApiError as e:
-            return api_refusal(e)
+        jobs, _, job = job_of(request)
         if request.method == "DELETE":
             job = await jobs.cancel(job)
         return JSONResponse(jobs.status(job))
 
+    @api
     async def job_events(request: Request) -> Response:
-        ctx = job_context(request)
-        if isinstance(ctx, Response):
-            return ctx
-        jobs, owner = ctx
-        try:
-            job = job_of(request, jobs, owner)
-        except ApiError as e:
-            return api_refusal(e)
+        jobs, owner, job = job_of(request)
 
         async def events() -> AsyncIterator[bytes]:
             last = None
-            while True:
-                current = jobs.get(job.id, owner)
-                if current is None:
-                    return
+            while (current := jobs.get(job.id, owner)) is not None:
                 body = jobs.status(current)
                 if body != last:
                     last = body
@@ -335,31 +315,23 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    @api
     async def job_audio(request: Request) -> Response:
-        ctx = job_context(request)
-        if isinstance(ctx, Response):
-            return ctx
-        jobs, owner = ctx
+        jobs, _, job = job_of(request)
         fmt = request.query_params.get("format", "wav")
-        try:
-            job = job_of(request, jobs, owner)
-            if fmt not in FORMATS:
-                raise ApiError(
-                    400, "bad_field", f"format must be one of {', '.join(FORMATS)}.", "format"
-                )
-            turn = request.path_params.get("turn")
-            if turn is not None:
-                turn = int(turn)
-                if not 0 <= turn < job.turns_done:
-                    raise ApiError(
-                        404,
-                        "unknown_turn",
-                        f"turn {turn} of job {job.id} is not finished; {job.turns_done} of "
-                        f"{job.turns_total} are.",
-                        "turn",
-                    )
-        except ApiError as e:
-            return api_refusal(e)
+        if fmt not in FORMATS:
+            raise ApiError(
+                400, "bad_field", f"format must be one of {', '.join(FORMATS)}.", "format"
+            )
+        turn = request.path_params.get("turn")
+        if turn is not None and not 0 <= turn < job.turns_done:
+            raise ApiError(
+                404,
+                "unknown_turn",
+                f"turn {turn} of job {job.id} is not finished; {job.turns_done} of "
+                f"{job.turns_total} are.",
+                "turn",
+            )
 
         def body() -> Iterator[bytes]:
             encoder = Encoder(fmt)

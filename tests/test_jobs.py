@@ -51,7 +51,8 @@ def call(
             kind = r.headers.get("content-type", "")
             return r.status, json.loads(raw) if kind.startswith("application/json") else raw
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        with e:  # an error response holds its socket until closed
+            return e.code, json.loads(e.read())
 
 
 def follow(base: str, job_id: str, until: Any, key: str | None = None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,9 @@ def api(piper):
 
 
 @pytest.fixture(scope="module")
-def client(api) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api.http_url + "/v1", api_key="unused", max_retries=0)
+def client(api) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=api.http_url + "/v1", api_key="-", max_retries=0) as c:
+        yield c
 
 
 def speak(client: openai.OpenAI, fmt: str, text: str = LINE, **extra: Any) -> bytes:
@@ -132,8 +134,11 @@ class _Held:
 @pytest.fixture
 def held(piper):
     backend = _Held(piper)
-    with running_server(backend) as server:
-        yield backend, server, openai.OpenAI(base_url=server.http_url + "/v1", api_key="-")
+    with (
+        running_server(backend) as server,
+        openai.OpenAI(base_url=server.http_url + "/v1", api_key="-") as client,
+    ):
+        yield backend, server, client
 
 
 def test_the_body_streams_while_the_speech_is_made(held) -> None:
@@ -232,9 +237,11 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str,
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request) as r:
+            r.read()  # to the end, so that the connection closes cleanly
             return r.status, {}
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        with e:  # an error response holds its socket until closed
+            return e.code, json.loads(e.read())
 
 
 def test_a_body_too_big_or_not_json_is_refused_before_it_is_read(api) -> None:
@@ -271,11 +278,14 @@ def test_a_body_too_big_or_not_json_is_refused_before_it_is_read(api) -> None:
 
 def test_keys_are_checked_like_the_websockets(piper) -> None:
     with running_server(piper, api_keys=("sesame",)) as server:
-        wrong = openai.OpenAI(base_url=server.http_url + "/v1", api_key="nope", max_retries=0)
-        e = error_of(lambda: wrong.audio.speech.create(model="tts-1", voice="alloy", input=LINE))
+        url = server.http_url + "/v1"
+        with openai.OpenAI(base_url=url, api_key="nope", max_retries=0) as wrong:
+            e = error_of(
+                lambda: wrong.audio.speech.create(model="tts-1", voice="alloy", input=LINE)
+            )
         assert e.status_code == 401
-        right = openai.OpenAI(base_url=server.http_url + "/v1", api_key="sesame", max_retries=0)
-        assert right.audio.speech.create(model="tts-1", voice="alloy", input=LINE).content
+        with openai.OpenAI(base_url=url, api_key="sesame", max_retries=0) as right:
+            assert right.audio.speech.create(model="tts-1", voice="alloy", input=LINE).content
 
 
 def test_a_client_that_leaves_cancels_its_session(held) -> None:
@@ -295,8 +305,10 @@ def test_a_client_that_leaves_cancels_its_session(held) -> None:
 
 def test_a_full_server_answers_429_and_a_stopping_one_503(piper) -> None:
     backend = _Held(piper)
-    with running_server(backend, max_sessions=1, max_queue=0) as server:
-        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="-", max_retries=0)
+    with (
+        running_server(backend, max_sessions=1, max_queue=0) as server,
+        openai.OpenAI(base_url=server.http_url + "/v1", api_key="-", max_retries=0) as client,
+    ):
         with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input=LONG, response_format="pcm"
         ) as response:
@@ -315,8 +327,10 @@ def test_a_full_server_answers_429_and_a_stopping_one_503(piper) -> None:
 
 def test_the_content_filter_refuses_a_line_naming_it(piper) -> None:
     words = Path(__file__).resolve().parent / "fixtures" / "content_filter_words.txt"
-    with running_server(piper, content_filter_words=str(words)) as server:
-        client = openai.OpenAI(base_url=server.http_url + "/v1", api_key="-", max_retries=0)
+    with (
+        running_server(piper, content_filter_words=str(words)) as server,
+        openai.OpenAI(base_url=server.http_url + "/v1", api_key="-", max_retries=0) as client,
+    ):
         script = "Speaker 1: All fine here.\nSpeaker 2: Still fine.\nSpeaker 1: What an ass."
         e = error_of(lambda: client.audio.speech.create(model="tts-1", voice="joe", input=script))
         body: Any = e.body
