@@ -239,7 +239,14 @@ class Jobs:
         def created(session: Session) -> None:
             self._sessions[job.id] = session
 
-        session = await open_session(self.hub, start, job.owner, created, count=False)
+        while True:
+            try:
+                session = await open_session(self.hub, start, job.owner, created, count=False)
+                break
+            except ProtocolError as e:
+                if e.code != Code.BUSY or job.status not in ("queued", "running"):
+                    raise
+                await self.hub.room()  # the queue is full: the job waits, it is not refused
         await self._update(job, status="running")
         self._started[job.id] = (time.monotonic(), job.samples_done)
         out = None

@@ -255,6 +255,16 @@ class Sessions:
         mean = sum(self._recent_walls) / len(self._recent_walls)
         return round(mean * position / self.capacity, 1)
 
+    async def room(self) -> None:
+        """Wait until the queue has room for one more (a job waits here instead of being
+        refused `busy`: it is kept, and nobody holds a socket open for it)."""
+        async with self._queue_changed:
+            while (
+                len(self.store.queue()) >= self.config.max_queue
+                and len(self.running) >= self.capacity
+            ):
+                await self._queue_changed.wait()
+
     async def _notify(self) -> None:
         async with self._queue_changed:
             self._queue_changed.notify_all()

@@ -297,3 +297,22 @@ def test_say_job_submits_follows_and_downloads(jobs_server, tmp_path) -> None:
     assert abs(len(soundfile.read(again)[0]) - len(audio)) < 24000 * 0.2
     r = say("-o", str(again), "--job", "nope", "--server", jobs_server.ws_url)
     assert r.returncode == 2 and "unknown_job" in r.stderr
+
+
+def test_a_job_waits_for_a_full_server_instead_of_failing(piper, tmp_path) -> None:
+    backend = _Held(piper)
+    with running_server(backend, jobs_dir=str(tmp_path), max_sessions=1, max_queue=0) as server:
+        base = server.http_url
+        _, first = call(f"{base}/v1/jobs", {"speakers": VOICES, "turns": script(3)})
+        follow(base, first["id"], lambda s: s["status"] == "running")  # holds the one slot
+        status, second = call(f"{base}/v1/jobs", {"speakers": VOICES, "turns": script(2)})
+        assert status == 202
+        status, now = call(f"{base}/v1/jobs/{second['id']}")
+        assert now["status"] == "queued"  # a WebSocket start would have been refused `busy`
+        backend.gate.set()
+        server.state.sessions.scheduler.wake()
+        assert follow(base, second["id"], lambda s: s["status"] in FINISHED_)["status"] == "done"
+        assert follow(base, first["id"], lambda s: s["status"] in FINISHED_)["status"] == "done"
+
+
+FINISHED_ = ("done", "failed", "cancelled")
