@@ -47,6 +47,7 @@ from .openai_api import (
     ApiError,
     SpeechRequest,
     models_body,
+    read_form,
     read_json,
     speech_body,
     speech_response,
@@ -280,7 +281,11 @@ def create_app(
     async def jobs_create(request: Request) -> Response:
         owner = caller(request)
         assert state.jobs is not None
-        body = await read_json(request, config.limits.max_frame_bytes)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            body = await read_form(request, config.limits.max_frame_bytes)
+        else:
+            body = await read_json(request, config.limits.max_frame_bytes)
         job = await state.jobs.submit(body, owner)
         return JSONResponse(state.jobs.status(job), status_code=202)
 

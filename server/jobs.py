@@ -120,7 +120,14 @@ class Jobs:
         start = parse_job(body)
         self.hub.check_rate(owner)
         await self.hub.validate(start, owner)  # every check a session gets, before it is kept
+        # Kept as JSON: uploaded voice files as base64 text, as a JSON body sends them.
         request = dict(body)
+        request["speakers"] = [
+            dict(s, voice_audio=base64.b64encode(s["voice_audio"]).decode())
+            if isinstance(s, dict) and isinstance(s.get("voice_audio"), bytes)
+            else s
+            for s in body.get("speakers") or []
+        ]
         chars = sum(len(t.text) for t in start.turns)
         job = JobRecord(
             id=secrets.token_urlsafe(12),

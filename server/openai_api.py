@@ -119,6 +119,59 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     return data
 
 
+FILE_FORMATS = {".wav": "wav", ".ogg": "ogg", ".opus": "ogg"}
+
+
+async def read_form(request: Request, limit: int) -> dict[str, Any]:
+    """A multipart body (a job with voice files): the part `request` is the JSON body, and a
+    file part `voice_N` is speaker N's voice sample. Its size must be declared, and is bounded
+    before anything is read."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        raise ApiError(411, "length_required", "a multipart body needs a Content-Length.")
+    if int(declared) > limit:
+        raise ApiError(413, "too_big", f"the body is {declared} bytes; at most {limit} are read.")
+    async with request.form(max_files=16, max_fields=16, max_part_size=limit) as form:
+        raw = form.get("request")
+        if not isinstance(raw, str):
+            raise ApiError(
+                400,
+                "bad_field",
+                "the form needs a text part `request` holding the JSON.",
+                "request",
+            )
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, "bad_message", f"`request` is not JSON: {e}.", "request") from None
+        if not isinstance(data, dict) or not isinstance(data.get("speakers"), list):
+            raise ApiError(
+                400, "bad_field", "`request` must be an object with a speakers list.", "request"
+            )
+        speakers = data["speakers"]
+        for name, value in form.multi_items():
+            if name == "request":
+                continue
+            index = name.removeprefix("voice_")
+            if isinstance(value, str) or not index.isdigit() or int(index) >= len(speakers):
+                raise ApiError(
+                    400,
+                    "bad_field",
+                    f"form part {name!r}: expected voice_N, a file for speakers[N] "
+                    f"(0..{len(speakers) - 1}).",
+                    name,
+                )
+            suffix = "." + (value.filename or "").rsplit(".", 1)[-1].lower()
+            if suffix not in FILE_FORMATS:
+                raise ApiError(
+                    400, "bad_voice_audio", f"{name}: send a .wav, .ogg or .opus file.", name
+                )
+            speaker = dict(speakers[int(index)]) if isinstance(speakers[int(index)], dict) else {}
+            speaker.update(voice_audio=await value.read(), voice_format=FILE_FORMATS[suffix])
+            speakers[int(index)] = speaker
+    return data
+
+
 def _field(data: dict[str, Any], name: str, kind: type, required: bool = False) -> Any:
     value = data.get(name)
     if value is None:

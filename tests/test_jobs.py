@@ -316,3 +316,45 @@ def test_a_job_waits_for_a_full_server_instead_of_failing(piper, tmp_path) -> No
 
 
 FINISHED_ = ("done", "failed", "cancelled")
+
+
+def multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body: name -> (filename or None, content)."""
+    boundary = "vibecast-test-boundary"
+    parts = []
+    for name, (filename, content) in fields.items():
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        parts.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode())
+        parts.append(content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_job_takes_voice_files_as_multipart(jobs_server, tmp_path) -> None:
+    from vibecast.protocol.wav import wav_bytes
+
+    t = np.arange(24000 * 2) / 24000
+    sample = wav_bytes((0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 24000)
+    request = {"speakers": [{"voice": "joe"}, {"name": "Guest"}], "turns": script(2)}
+    body, kind = multipart(
+        {"request": (None, json.dumps(request).encode()), "voice_1": ("guest.wav", sample)}
+    )
+    post = urllib.request.Request(
+        f"{jobs_server.http_url}/v1/jobs", data=body, headers={"Content-Type": kind}
+    )
+    with urllib.request.urlopen(post, timeout=60) as r:
+        job = json.loads(r.read())
+    assert r.status == 202
+    done = follow(jobs_server.http_url, job["id"], lambda s: s["status"] in FINISHED_)
+    assert done["status"] == "done" and done["progress"]["turns_done"] == 2
+    # A part that names no speaker is refused, naming it.
+    body, kind = multipart(
+        {"request": (None, json.dumps(request).encode()), "voice_7": ("x.wav", sample)}
+    )
+    post = urllib.request.Request(
+        f"{jobs_server.http_url}/v1/jobs", data=body, headers={"Content-Type": kind}
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(post, timeout=60)
+    with info.value as e:
+        assert e.code == 400 and json.loads(e.read())["error"]["param"] == "voice_7"
