@@ -142,13 +142,17 @@ class Jobs:
         self._launch(job)
         return job
 
+    def _any(self) -> bool:
+        """Whether any job was ever kept here (reading must not create the database)."""
+        return self._store is not None or (self.folder / "jobs.sqlite3").exists()
+
     def get(self, job_id: str, owner: str) -> JobRecord | None:
         """The job if `owner` made it; anyone else gets what an unknown id gets."""
-        job = self.store.get(job_id)
+        job = self.store.get(job_id) if self._any() else None
         return job if job is not None and job.owner == owner else None
 
     def owned_by(self, owner: str) -> list[JobRecord]:
-        return self.store.owned_by(owner)
+        return self.store.owned_by(owner) if self._any() else []
 
     async def cancel(self, job: JobRecord) -> JobRecord:
         session = self._sessions.get(job.id)

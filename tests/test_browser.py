@@ -43,8 +43,9 @@ MAX_CHARS = 2000
 
 
 @pytest.fixture(scope="module")
-def live(piper) -> Iterator[Any]:
-    with running_server(piper, max_chars=MAX_CHARS) as server:
+def live(piper, tmp_path_factory) -> Iterator[Any]:
+    jobs = str(tmp_path_factory.mktemp("jobs"))
+    with running_server(piper, max_chars=MAX_CHARS, jobs_dir=jobs) as server:
         yield server
 
 
@@ -181,4 +182,32 @@ def test_page_fits_a_phone(browser, live, artifacts: Path) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390  # no sideways scrolling
     page.screenshot(path=str(artifacts / "web_demo_phone.png"), full_page=True)
+    page.close()
+
+
+def test_the_jobs_panel_makes_a_job_and_offers_its_audio(browser, live) -> None:
+    import io
+    import urllib.request
+
+    import soundfile
+
+    page, errors = open_page(browser, live, fallback=False)
+    page.fill("[data-testid=script]", SCRIPT)
+    page.click("[data-testid=submit-job]")
+    done = page.wait_for_selector("[data-testid=jobs] li[data-status=done]", timeout=60000)
+    assert done is not None
+    progress = done.query_selector(".job-progress")
+    assert progress is not None and progress.inner_text().startswith("6/6 turns")
+    link = done.query_selector(".job-download")
+    assert link is not None
+    href = link.get_attribute("href")
+    assert href is not None
+    with urllib.request.urlopen(href, timeout=60) as r:
+        audio, rate = soundfile.read(io.BytesIO(r.read()))
+    assert rate == 24000 and len(audio) / rate > 5
+    # Reloaded, the page lists the job again: the server keeps it.
+    page.reload()
+    page.wait_for_function("window.vibecast && window.vibecast.ready", timeout=30000)
+    assert page.query_selector("[data-testid=jobs] li[data-status=done]") is not None
+    assert errors == []
     page.close()

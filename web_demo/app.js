@@ -327,6 +327,87 @@ function highlight(turn) {
   }
 }
 
+// -- jobs: the same script, made by the server in the background (docs/jobs.md) -----------------
+
+const following = new Map(); // job id -> its EventSource, while it is not finished
+const FINISHED = ["done", "failed", "cancelled"];
+
+function apiUrl(path) {
+  const url = new URL(path, location.href);
+  if (token) url.searchParams.set("token", token);
+  return url.toString();
+}
+
+function base64(bytes) {
+  let s = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(s);
+}
+
+async function submitJob() {
+  update();
+  if (!script.turns.length) {
+    fail("bad_field", script.errors[0]?.message || "Write at least one line like: Speaker 1: Hello.");
+    return;
+  }
+  el("error").hidden = true;
+  const speakers = script.speakers.map((number) => {
+    const s = speakerSettings.get(number);
+    return s.upload
+      ? { name: s.name, voice_audio: base64(s.upload.bytes), voice_format: s.upload.format }
+      : { name: s.name, voice: s.voice };
+  });
+  const turns = script.turns.map((t) => ({ speaker: t.speaker, text: t.text }));
+  const r = await fetch(apiUrl("v1/jobs"), {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ speakers, turns }),
+  });
+  const body = await r.json();
+  if (!r.ok) {
+    fail(body.error.code, body.error.message);
+    return;
+  }
+  await refreshJobs();
+}
+
+function showJob(job) {
+  let li = document.querySelector(`#jobs li[data-job="${job.id}"]`);
+  if (!li) {
+    li = document.createElement("li");
+    li.dataset.job = job.id;
+    li.innerHTML = '<span class="job-status"></span> <span class="job-progress"></span> ' +
+      '<a class="job-download button" download>⤓ mp3</a>';
+    el("jobs").prepend(li);
+  }
+  const p = job.progress;
+  li.dataset.status = job.status;
+  li.querySelector(".job-status").textContent = job.status + (job.position ? ` (#${job.position})` : "");
+  li.querySelector(".job-progress").textContent =
+    `${p.turns_done}/${p.turns_total} turns, ${p.seconds_done.toFixed(1)} s` + (p.eta_s ? `, ${Math.ceil(p.eta_s)} s left` : "");
+  // While it runs the download is what is made so far: a playable prefix.
+  li.querySelector(".job-download").href = apiUrl(`v1/jobs/${job.id}/audio?format=mp3`);
+  if (!FINISHED.includes(job.status) && !following.has(job.id)) {
+    const events = new EventSource(apiUrl(`v1/jobs/${job.id}/events`));
+    events.addEventListener("status", (e) => {
+      const update = JSON.parse(e.data);
+      showJob(update);
+      if (FINISHED.includes(update.status)) {
+        events.close();
+        following.delete(job.id);
+      }
+    });
+    following.set(job.id, events);
+  }
+}
+
+async function refreshJobs() {
+  const r = await fetch(apiUrl("v1/jobs"));
+  if (!r.ok) return; // a server without jobs, or a key that may not list them: no panel content
+  const body = await r.json();
+  body.jobs.slice().reverse().forEach(showJob);
+}
+
 function enableDownload() {
   const a = el("download");
   const url = new URL(`v1/sessions/${session.id}/audio.opus`, location.href);
@@ -358,6 +439,7 @@ async function init() {
   el("script").addEventListener("input", update);
   el("play").addEventListener("click", play);
   el("stop").addEventListener("click", stop);
+  el("submit-job").addEventListener("click", submitJob);
   el("download").addEventListener("click", (e) => { if (el("download").classList.contains("disabled")) e.preventDefault(); });
   try {
     const r = await fetch("v1/voices", token ? { headers: { Authorization: `Bearer ${token}` } } : {});
@@ -371,6 +453,7 @@ async function init() {
   }
   update();
   paint();
+  await refreshJobs();
   await player.prepare().catch(() => {}); // the click will report it if audio cannot start
   setState("idle", "ready");
   window.vibecast.ready = true;
