@@ -114,8 +114,8 @@ def test_stop_silences_at_once(browser, live, fallback: bool) -> None:
     page.wait_for_function(
         "window.vibecast.stats.state === 'stopped'"
         " && window.vibecast.stats.stop_silence_ms !== null",
-        timeout=10000,
-    )
+        timeout=30000,  # a hang guard (once 10 s passed under a loaded 2-core run); the
+    )  # silence itself is measured by the page and held to 200 ms below
     s = stats(page)
     assert s["stop_silence_ms"] < 200
     # The server closes the socket after `cancelled`: once closed, nothing more can arrive.
