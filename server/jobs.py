@@ -130,7 +130,7 @@ class Jobs:
         ]
         chars = sum(len(t.text) for t in start.turns)
         job = JobRecord(
-            id=secrets.token_urlsafe(12),
+            id=secrets.token_hex(9),  # hex: never starts with "-" (`say --job ID`)
             owner=owner,
             request=json.dumps(request),
             created=time.time(),
