@@ -125,7 +125,7 @@ class Encoder:
 
     def _write(self, frames: list[av.AudioFrame], flush: bool) -> bytes:
         if self._out is None:
-            return b"".join(bytes(f.to_ndarray().astype("<i2").tobytes()) for f in frames)
+            return b"".join(f.to_ndarray().astype("<i2").tobytes() for f in frames)
         for f in frames:
             f.pts = None  # the encoder numbers the samples it is given
             self._out.mux(self._stream.encode(f))

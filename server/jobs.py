@@ -112,7 +112,7 @@ class Jobs:
         for task in self._tasks.values():
             task.cancel()
         if self._store is not None:
-            self._store.close()  # type: ignore[attr-defined]
+            self._store.close()
 
     # -- what the routes call ------------------------------------------------------------------
 

@@ -256,14 +256,13 @@ class SpeechRequest:
         for key, name in items:
             if not str(key).isdigit():
                 raise ApiError(400, "bad_field", f"voices key {key!r} is not a number.", "voices")
-            number = int(key) if isinstance(given, dict) else int(key)
-            out[number] = self._voice(name, voices, f"voices[{key}]")
+            out[int(key)] = self._voice(name, voices, f"voices[{key}]")
         return out
 
     def start(self) -> Start:
         """The session a WebSocket client would start for this request (pcm at 24 kHz)."""
         lines = [line for line in self.input.splitlines() if line.strip()]
-        if any(line.lstrip().lower().startswith("speaker") for line in lines[:1]):
+        if lines and lines[0].lstrip().lower().startswith("speaker"):
             try:
                 script = parse_script(self.input)
             except ScriptError as e:

@@ -719,7 +719,9 @@ class BatchEngine:
                 assert sess is not None
                 noise[i].copy_(self.rt.noise(sess.gen)[0])
         self._run(b)
-        report, audio, inputs = self._fetch(b)
+        # Only context sessions keep their frames' inputs: without one, they are not fetched.
+        context = any(self.sessions[i] is not None and self.sessions[i].context for i in live)
+        report, audio, inputs = self._fetch(b, context)
         frames = []
         for i in live:
             token, nxt, flags = (int(x) for x in report[i])
@@ -758,7 +760,7 @@ class BatchEngine:
         else:
             decode_step(self.w, self._views[b])
 
-    def _fetch(self, b: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    def _fetch(self, b: int, inputs: bool) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """The step's one device-to-host read: the report, the audio and the inputs of slots
         [0, b) (the inputs: a context session keeps its frames' for rebuilds, a few KB each)."""
         s = self.state
@@ -766,7 +768,8 @@ class BatchEngine:
             return s.report[:b].numpy(), s.audio[:b].numpy(), s.inputs[:b]
         self._report_host[:b].copy_(s.report[:b], non_blocking=True)
         self._audio_host[:b].copy_(s.audio[:b], non_blocking=True)
-        self._inputs_host[:b].copy_(s.inputs[:b], non_blocking=True)
+        if inputs:
+            self._inputs_host[:b].copy_(s.inputs[:b], non_blocking=True)
         self._done.record()
         self._done.synchronize()
         return self._report_host[:b].numpy(), self._audio_host[:b].numpy(), self._inputs_host[:b]
