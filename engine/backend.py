@@ -13,6 +13,7 @@ type that crosses the engine boundary; anything else it raises is a bug, reporte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +22,11 @@ import numpy as np
 if TYPE_CHECKING:
     from .pipeline import TurnFeed
     from .scheduler import Runner
+
+
+Carry = dict[str, np.ndarray]
+"""A backend's state after a turn, as named arrays (`TurnEnded.carry`): its random generator's
+state, and for VibeVoice's `context` mode what the turn put in the context."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,15 @@ class Backend(Protocol):
         """Raise ProtocolError(too_long) naming a turn the model cannot speak in one piece,
         when the turn arrives rather than when its time comes."""
 
-    def runner(self, session: Any, feed: TurnFeed) -> Runner:
-        """The session's turns as units of work for the engine loop (engine/scheduler.py)."""
+    def runner(self, session: Any, feed: TurnFeed, replayed: Sequence[Carry] = ()) -> Runner:
+        """The session's turns as units of work for the engine loop (engine/scheduler.py).
+
+        `replayed`: the carries of turns 0 .. n - 1, which the turn cache replayed; the runner
+        starts at turn n as if it had just spoken them."""
+
+    def fingerprint(self) -> str:
+        """What, besides the request, decides the audio: the model's weights and the server's
+        settings that shape it (steps, window, dtype, device kind). Keys the turn cache."""
 
     def realtime_capacity(self) -> int:
         """Sessions this backend keeps in real time at once on this machine (from warm-up)."""

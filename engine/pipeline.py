@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Turn
+from .backend import Carry, Turn
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class TurnAudio:
 class TurnEnded:
     turn: int
     capped: bool = False  # cut at the turn's frame cap: the model had not ended it
+    carry: Carry | None = None
+    """What the backend needs to go on after this turn (its `runner(..., replayed)`), as named
+    arrays: the turn cache stores it with the turn's audio. None: nothing to store (a turn
+    that was itself replayed from the cache)."""
 
 
 PipelineEvent = TurnStarted | TurnAudio | TurnEnded

@@ -17,12 +17,13 @@ the speakers sound like different people.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..protocol.messages import Code, ProtocolError
-from .backend import SpeakerVoice, SynthesisParams, Turn, Voice
+from .backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice
 from .pipeline import TurnFeed
 from .pitch import median_f0
 from .resample import Resampler
@@ -191,7 +192,12 @@ class PiperBackend:
         self._phonemizer = EspeakPhonemizer(ESPEAK_DATA_DIR)
         self._phonemize_lock = threading.Lock()  # espeak-ng keeps global state
         self._capacity = 1  # measured by warmup()
+        self._made = 0  # samples rendered (the engine loop's thread writes it)
         self._styles = {s.id: s for s in STYLES}
+        digest = hashlib.sha256(config_path.read_bytes())
+        with model_path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+        self._fingerprint = f"{self.name}:{digest.hexdigest()}"
 
     # -- catalogue and sessions ------------------------------------------------------------
 
@@ -244,7 +250,7 @@ class PiperBackend:
         session.styles.clear()
 
     def counters(self) -> dict[str, float]:
-        return {}
+        return {"engine_audio_seconds": self._made / SAMPLE_RATE}
 
     def seconds_per_char(self) -> float:
         # Joe reads ~15 characters a second; the slowest style is 6% slower. Round up generously.
@@ -309,8 +315,12 @@ class PiperBackend:
         resampler = Resampler(self.config.sample_rate * pitch, SAMPLE_RATE)
         for z in encoded.latents:
             for audio in self.vocode(z):
-                yield _soft_clip(resampler.push(audio) * GAIN)
-        yield _soft_clip(resampler.flush() * GAIN)
+                out = _soft_clip(resampler.push(audio) * GAIN)
+                self._made += len(out)
+                yield out
+        out = _soft_clip(resampler.flush() * GAIN)
+        self._made += len(out)
+        yield out
 
     def warmup(self) -> None:
         session = self.open_session(
@@ -331,8 +341,22 @@ class PiperBackend:
     def check_turns(self, session: PiperSession, turns: list[Turn]) -> None:
         return None  # any length: long sentences are split (MAX_PIECE_CHARS)
 
-    def runner(self, session: PiperSession, feed: TurnFeed) -> TurnRunner:
-        return TurnRunner(self, session, feed)
+    def runner(
+        self, session: PiperSession, feed: TurnFeed, replayed: Sequence[Carry] = ()
+    ) -> TurnRunner:
+        return TurnRunner(self, session, feed, replayed)
+
+    def carry(self, session: PiperSession) -> Carry:
+        """After a turn: the noise generator's state (PCG64's, as JSON bytes: its ints pass
+        64 bits), so a later turn draws exactly what it would have drawn."""
+        state = json.dumps(session.rng.bit_generator.state).encode()
+        return {"rng": np.frombuffer(state, np.uint8).copy()}
+
+    def restore(self, session: PiperSession, carry: Carry) -> None:
+        session.rng.bit_generator.state = json.loads(carry["rng"].tobytes())
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
 
     def realtime_capacity(self) -> int:
         return self._capacity

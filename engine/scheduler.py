@@ -22,11 +22,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .backend import Carry
 from .pipeline import PipelineEvent
 
 log = logging.getLogger("vibecast.engine")
@@ -256,17 +257,22 @@ def capacity_from_speed(audio_s: float, compute_s: float, first_audio_s: float =
 
 
 class TurnRunner:
-    """A session's turns on a backend with `encode`/`render` (Piper): the text stage of a turn
-    is one unit, each chunk of its render another, so the loop can put another session's
-    urgent chunk between any two of them."""
+    """A session's turns on a backend with `encode`/`render` and `carry`/`restore` (Piper): the
+    text stage of a turn is one unit, each chunk of its render another, so the loop can put
+    another session's urgent chunk between any two of them. `replayed`: the carries of the
+    turns the turn cache replayed; it starts after them."""
 
     group = None
 
-    def __init__(self, backend: Any, session: Any, feed: Any) -> None:
+    def __init__(
+        self, backend: Any, session: Any, feed: Any, replayed: Sequence[Carry] = ()
+    ) -> None:
         self.backend = backend
         self.session = session
         self.feed = feed
-        self._next = 0  # index of the next turn to start
+        self._next = len(replayed)  # index of the next turn to start
+        if replayed:
+            backend.restore(session, replayed[-1])
         self._chunks: Any = None  # the render of the current turn
         self._turn = -1
 
@@ -290,7 +296,7 @@ class TurnRunner:
         pcm = next(self._chunks, None)
         if pcm is None:
             self._chunks = None
-            return [TurnEnded(self._turn)]
+            return [TurnEnded(self._turn, carry=self.backend.carry(self.session))]
         return [TurnAudio(self._turn, pcm)] if len(pcm) else []
 
     def park(self) -> None:

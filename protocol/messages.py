@@ -138,6 +138,7 @@ class Options:
     steps: int | None = None
     mode: str | None = None
     frames_per_turn: int | None = None
+    from_turn: int | None = None
 
 
 @dataclass
@@ -485,6 +486,7 @@ def parse_start(m: dict[str, Any]) -> Start:
             steps=_int_in(o, "steps", "options", 1, 100),
             mode=_get(o, "mode", str, "options"),
             frames_per_turn=_int_in(o, "frames_per_turn", "options", 1, 10_000),
+            from_turn=_int_in(o, "from_turn", "options", 0, 2**31),
         )
     request_id = _get(m, "request_id", str, "")
     if request_id is not None and (

@@ -130,6 +130,8 @@ def create_app(
         )
         state.metrics.track_active(state.sessions.active_count)
         state.metrics.track_engine(state.backend.counters)
+        if state.sessions.cache is not None:
+            state.metrics.track_cache(state.sessions.cache.counters)
         state.jobs = Jobs(state.sessions, config)
         state.jobs.resume()
         state.metrics.engine_ready.set(1)

@@ -53,6 +53,12 @@ class ServerConfig:
     """Finished jobs older than this are removed with their audio."""
     jobs_max_bytes: int = 2 * 1024**3
     """Past this much job audio on disk, the oldest finished jobs are removed."""
+    turn_cache: bool = True
+    """Keep every turn made on disk (docs/turn-cache.md): a script run again replays its
+    unchanged turns instead of generating them. `--no-turn-cache` turns it off."""
+    turn_cache_dir: str = "~/.cache/vibecast/turns"
+    turn_cache_max_bytes: int = 2 * 1024**3
+    """Past this much, the least recently used turns are removed (float32 audio: ~96 KB/s)."""
     context_window: int = 0
     """VibeVoice: positions of context each session holds (voice prompts, the text block, the
     speech of the turns kept); `context` mode slides it at turn boundaries. 0: 2048 on a CPU,

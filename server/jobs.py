@@ -75,6 +75,13 @@ def parse_job(body: dict[str, Any]) -> Start:
             "more: a job's script is whole when it is submitted; leave more out.",
             field="more",
         )
+    if start.options is not None and start.options.from_turn:
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            "options.from_turn: a job makes the whole script (its unchanged turns come from the "
+            "turn cache); fetch one turn with GET /v1/jobs/{id}/turns/{k}/audio.",
+            field="options.from_turn",
+        )
     # Jobs keep 24 kHz PCM; any format is made from it when the audio is fetched.
     start.format = FormatSpec("pcm_s16le", RATE, None, 20)
     return start

@@ -63,8 +63,26 @@ class Metrics:
         for name, help_ in (
             ("context_rebuilds", "Context windows rebuilt at turn boundaries (VibeVoice)"),
             ("context_rebuild_seconds", "Prefill time of those rebuilds"),
+            ("engine_audio_seconds", "Audio the model made (turns replayed from the cache not)"),
+            ("engine_frames", "Frames the model made, every session together (VibeVoice)"),
         ):
             Gauge(f"vibecast_{name}", help_, registry=self.registry).set_function(reader(name))
+
+    def track_cache(self, counters: Callable[[], dict[str, float]]) -> None:
+        """The turn cache's counters (server/turn_cache.py)."""
+
+        def reader(name: str) -> Callable[[], float]:
+            return lambda: counters()[name]
+
+        for name, help_ in (
+            ("hits", "Turns replayed from the turn cache instead of generated"),
+            ("misses", "Turns the engine generated and the turn cache stored"),
+            ("entries", "Turns in the turn cache"),
+            ("bytes", "Size of the turn cache on disk"),
+        ):
+            Gauge(f"vibecast_turn_cache_{name}", help_, registry=self.registry).set_function(
+                reader(name)
+            )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,7 +32,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..engine.backend import Backend, SpeakerVoice, SynthesisParams, Turn
 from ..engine.pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
@@ -50,6 +53,7 @@ from ..protocol.messages import (
 from .archive import Archive
 from .output import AudioOutput, OutputFormat
 from .store import RingFrame, SessionStore
+from .turn_cache import Carries, Replay, TurnCache, first_key, next_key
 
 log = logging.getLogger("vibecast.session")
 
@@ -81,6 +85,9 @@ class SessionSpec:
     params: SynthesisParams
     request_id: str | None
     client: str  # API key name or address, for logs and rate limits
+    from_turn: int = 0
+    """Send audio from this turn on; the turns before it are made (or replayed from the turn
+    cache) for the context, and not sent."""
 
 
 @dataclass
@@ -153,6 +160,7 @@ class Session:
         send_buffer_ms: int,
         on_concluded: Callable[[Session], None],
         on_change: Callable[[], None] = lambda: None,
+        cache: TurnCache | None = None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.token = secrets.token_urlsafe(24)
@@ -189,6 +197,14 @@ class Session:
         self.touched = time.monotonic()  # last start or append with turns, for the idle check
         self.chars = sum(len(t.text) for t in spec.turns)
         self.paused = False  # the engine loop holds it for the client (flow control)
+        # The turn cache: the turns found for the start of the script (replayed before the
+        # engine takes over), the chain of keys, and the audio of the turn being made.
+        self.cache = cache
+        self._found: list[Path] = []
+        self._keys: list[str] = []  # key of turn i as a turn that did not end the script
+        self._first_key = ""
+        self._pcm: list[np.ndarray] = []
+        self._swap = threading.Lock()  # the replay hands over to the engine vs `stop`
         store.register(self.id, self.token)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -198,6 +214,12 @@ class Session:
         self.state = State.OPENING
         self._loop = asyncio.get_running_loop()
         spec = self.spec
+        if self.cache is not None:  # reads files and hashes uploads: off the event loop
+            self._found = await asyncio.to_thread(self._look_up)
+            if self.feed.complete and len(self._found) == self.feed.total:
+                self.state = State.STREAMING  # all of it is in the cache: no engine session
+                self.counters.ready_at = time.monotonic()
+                return
 
         def open_and_check() -> Any:
             engine_session = self.backend.open_session(spec.speakers, spec.params)
@@ -232,8 +254,61 @@ class Session:
         if self.spec.format.codec == "opus":
             rate = self.spec.format.sample_rate
             self.archive.begin(self.id, self.output.pre_skip, rate, owner=self.spec.client)
-        self._runner = self.backend.runner(self.engine_session, self.feed)
-        self._entry = self.scheduler.add(self._runner, self)
+        if not self._found:
+            self._runner = self.backend.runner(self.engine_session, self.feed)
+            self._entry = self.scheduler.add(self._runner, self)
+            return
+        assert self.cache is not None
+        turns = self.feed.known()[: len(self._found)]
+        self._runner = Replay(self.cache, self._found, turns, self.backend.sample_rate)
+        self._entry = self.scheduler.add(self._runner, _ReplaySink(self))
+
+    def _replayed(self) -> None:
+        """On the engine loop: the cached turns are out; the engine goes on after them."""
+        with self._swap:
+            if self._stop.is_set():
+                return  # `stop` frees the engine session
+            if self.engine_session is None:  # the whole script came from the cache
+                self.end(None)
+                return
+            assert self.cache is not None
+            carries = Carries(self.cache, self._found)
+            try:
+                self._runner = self.backend.runner(self.engine_session, self.feed, carries)
+            except BaseException as e:  # noqa: BLE001 - e.g. an entry removed meanwhile
+                self.end(e)
+                return
+            self._entry = self.scheduler.add(self._runner, self)
+
+    def _look_up(self) -> list[Path]:
+        """The cached turns that open the script, in order, up to the first one missing."""
+        assert self.cache is not None
+        spec = self.spec
+        self._first_key = first_key(self.backend.fingerprint(), spec.speakers, spec.params)
+        found = []
+        for turn in spec.turns:
+            path = self.cache.find(self._key(turn, self._is_last(turn.index)))
+            if path is None:
+                break
+            found.append(path)
+        return found
+
+    def _is_last(self, index: int) -> bool:
+        """Whether turn `index` ends the script, as far as a `context` turn's audio depends on
+        it: the model may speak on after the last line (docs/modes.md)."""
+        if self.spec.params.mode != "context":
+            return False
+        return self.feed.complete and index == self.feed.total - 1
+
+    def _key(self, turn: Turn, last: bool) -> str:
+        while len(self._keys) < turn.index:  # the turns before it, none of which was last
+            before = self.feed.peek(len(self._keys))
+            assert before is not None
+            self._keys.append(
+                next_key(self._keys[-1] if self._keys else self._first_key, before, False)
+            )
+        previous = self._keys[turn.index - 1] if turn.index else self._first_key
+        return next_key(previous, turn, last)
 
     def join(self, timeout: float) -> bool:
         """Wait until the engine loop has let go of the session; True once it has."""
@@ -243,11 +318,14 @@ class Session:
 
     def stop(self) -> None:
         """Stop generating; the engine loop frees the session's state in the model."""
-        self._stop.set()
+        with self._swap:
+            self._stop.set()
+            entry, runner = self._entry, self._runner
         self.feed.close()
-        if self._entry is not None:
-            self.scheduler.remove(self._entry)
-        elif self.engine_session is not None:  # opened, never started: free it on the loop
+        if entry is not None:
+            self.scheduler.remove(entry)
+        owned = runner is not None and not isinstance(runner, Replay)  # closes it when removed
+        if not owned and self.engine_session is not None:  # opened, not running: free it
             engine_session, self.engine_session = self.engine_session, None
             self.scheduler.call(lambda: self.backend.close_session(engine_session))
 
@@ -406,8 +484,8 @@ class Session:
     def put(self, events: list[PipelineEvent], busy_s: float) -> None:
         self.counters.engine_busy_s += busy_s
         for e in events:
-            if isinstance(e, TurnAudio):
-                self.counters.made += len(e.pcm)
+            if isinstance(e, TurnAudio) and e.turn >= self.spec.from_turn:
+                self.counters.made += len(e.pcm)  # turns not sent do not hold the engine back
         self._output.submit(lambda: self._guarded(self._emit, events))
 
     def end(self, error: BaseException | None) -> None:
@@ -445,15 +523,27 @@ class Session:
 
     def _emit(self, events: list[PipelineEvent]) -> None:
         out = self.output
+        skip = self.spec.from_turn
         for event in events:
             if isinstance(event, TurnStarted):
                 t = event.turn
-                self._post(out.turn_start(t.index, t.speaker, t.text))
+                self._pcm = []
+                if t.index >= skip:
+                    self._post(out.turn_start(t.index, t.speaker, t.text))
             elif isinstance(event, TurnAudio):
+                if self.cache is not None:
+                    self._pcm.append(event.pcm)
+                if event.turn < skip:
+                    continue
                 msg = out.audio(event.turn, event.pcm)
                 if msg is not None:
                     self._send_audio(msg)
             elif isinstance(event, TurnEnded):
+                if self.cache is not None and event.carry is not None:
+                    self._store(event)
+                if event.turn < skip:
+                    self.counters.turns_done += 1
+                    continue
                 last = self.feed.complete and event.turn == self.feed.total - 1
                 msg, end = out.turn_end(event.turn, last)
                 if msg is not None:
@@ -472,6 +562,15 @@ class Session:
                     turn=self._last_turn + 1,
                     fatal=True,
                 )
+
+    def _store(self, event: TurnEnded) -> None:
+        """A turn the engine made goes into the turn cache (on this session's output worker)."""
+        assert self.cache is not None and event.carry is not None
+        turn = self.feed.peek(event.turn)
+        assert turn is not None
+        pcm = np.concatenate(self._pcm) if self._pcm else np.zeros(0, np.float32)
+        self._pcm = []
+        self.cache.put(self._key(turn, self._is_last(turn.index)), pcm, event.capped, event.carry)
 
     def _engine_done(self, error: BaseException | None) -> None:
         if error is not None:
@@ -501,3 +600,21 @@ class Session:
             return  # made after cancel: dropped
         self._outbox.append(frame)
         self._wake.set()
+
+
+class _ReplaySink:
+    """The session as the sink of its replay (engine/scheduler.py's `Sink`): the same, except
+    that the replay's end hands the session over to the engine instead of ending it."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.lead_s = session.lead_s
+        self.wants_more = session.wants_more
+        self.put = session.put
+        self.hold = session.hold
+
+    def end(self, error: BaseException | None) -> None:
+        if error is not None:
+            self._session.end(error)
+        else:
+            self._session._replayed()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import threading
 import time
 from collections import deque
@@ -30,6 +29,7 @@ from .metrics import Metrics
 from .output import OutputFormat
 from .session import Outcome, Session, SessionSpec, State
 from .store import SessionStore
+from .turn_cache import TurnCache
 
 log = logging.getLogger("vibecast.sessions")
 
@@ -47,6 +47,11 @@ class Sessions:
         # First, so that bad filter settings stop the start-up before any thread is made; an
         # attribute, so that every way in (WebSocket, HTTP) checks text with the same filter.
         self.content_filter = ContentFilter.from_config(config)
+        self.cache = (
+            TurnCache(config.turn_cache_dir, config.turn_cache_max_bytes)
+            if config.turn_cache
+            else None
+        )
         self.backend = backend
         self.config = config
         self.limits = config.limits
@@ -168,15 +173,27 @@ class Sessions:
             frame_ms=(f.frame_ms if f and f.frame_ms else 20),
         )
         o = start.options
+        from_turn = o.from_turn if o and o.from_turn is not None else 0
+        if from_turn and from_turn >= len(turns):
+            raise ProtocolError(
+                Code.BAD_FIELD,
+                f"options.from_turn is {from_turn}, but the script has {len(turns)} turns "
+                f"(0 .. {len(turns) - 1}); send a turn index of this start's turns.",
+                field="options.from_turn",
+            )
         params = SynthesisParams(
-            seed=o.seed if o and o.seed is not None else secrets.randbits(63),
+            # A fixed default: the same request makes the same audio, and repeats come from the
+            # turn cache; another seed is another take.
+            seed=o.seed if o and o.seed is not None else 0,
             mode=o.mode if o and o.mode else self.backend.modes[0],
             cfg_scale=o.cfg_scale if o else None,
             steps=o.steps if o else None,
             frames_per_turn=o.frames_per_turn if o else None,
         )
         self.backend.check_params(params)
-        return SessionSpec(speakers, turns, start.more, fmt, params, start.request_id, client)
+        return SessionSpec(
+            speakers, turns, start.more, fmt, params, start.request_id, client, from_turn
+        )
 
     def check_rate(self, client: str) -> None:
         now = time.monotonic()
@@ -209,6 +226,7 @@ class Sessions:
             self.config.send_buffer_ms,
             on_concluded=self._concluded,
             on_change=self._changed,
+            cache=self.cache,
         )
         self.sessions[session.id] = session
         self._changed()

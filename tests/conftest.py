@@ -26,7 +26,8 @@ def piper() -> PiperBackend:
 
 @contextlib.contextmanager
 def running_server(backend: Any, **settings: Any) -> Iterator[ServerThread]:
-    config = ServerConfig(host="127.0.0.1", port=0).replace(**settings)
+    # The turn cache is off unless a test turns it on: tests must not replay each other's turns.
+    config = ServerConfig(host="127.0.0.1", port=0, turn_cache=False).replace(**settings)
     server = ServerThread(config, backend=backend).start()
     try:
         yield server

@@ -211,3 +211,63 @@ def test_the_jobs_panel_makes_a_job_and_offers_its_audio(browser, live) -> None:
     assert page.query_selector("[data-testid=jobs] li[data-status=done]") is not None
     assert errors == []
     page.close()
+
+
+@pytest.fixture(scope="module")
+def drafting(piper, tmp_path_factory) -> Iterator[Any]:
+    """A server with the turn cache on (the default of `vibecast serve`)."""
+    folder = str(tmp_path_factory.mktemp("turns"))
+    with running_server(piper, turn_cache=True, turn_cache_dir=folder) as server:
+        yield server
+
+
+def cache_counts(server) -> tuple[float, float]:
+    from helpers import get_text, metric
+
+    text = get_text(server.http_url + "/metrics")
+    return metric(text, "vibecast_turn_cache_hits"), metric(text, "vibecast_turn_cache_misses")
+
+
+def play_to_the_end(page) -> dict[str, Any]:
+    page.click('[data-testid="play"]')
+    page.wait_for_function("window.vibecast.stats.state === 'done'", timeout=120000)
+    return stats(page)
+
+
+def test_an_edited_script_plays_from_the_changed_line(browser, drafting) -> None:
+    page, errors = open_page(browser, drafting, fallback=False)
+    lines = SCRIPT.splitlines()[:4]
+    page.fill('[data-testid="script"]', "\n".join(lines))
+    first = play_to_the_end(page)
+    assert first["from_turn"] == 0 and first["highlighted"] == [0, 1, 2, 3]
+
+    # A finished take, one line edited: the page plays from that line; the two lines before it
+    # come from the cache (made, not sent), the edited line and the one after it are new.
+    lines[2] = "Speaker 3: Why would the first second matter at all?"
+    page.fill('[data-testid="script"]', "\n".join(lines))
+    hits, misses = cache_counts(drafting)
+    again = play_to_the_end(page)
+    assert again["from_turn"] == 2 and again["highlighted"] == [2, 3]
+    assert again["underruns"] == 0
+    h, m = cache_counts(drafting)
+    assert (h - hits, m - misses) == (2, 2)
+
+    # The listener's other choice: the whole take again, every turn from the cache.
+    page.select_option('[data-testid="play-from"]', "top")
+    page.fill('[data-testid="script"]', "\n".join(lines[:3] + ["Speaker 1: Listeners decide."]))
+    hits, misses = cache_counts(drafting)
+    top = play_to_the_end(page)
+    assert top["from_turn"] == 0 and top["highlighted"] == [0, 1, 2, 3]
+    h, m = cache_counts(drafting)
+    assert (h - hits, m - misses) == (3, 1)
+
+    # A take still playing: edit its last line and press Play; the new take starts there.
+    page.select_option('[data-testid="play-from"]', "changed")
+    page.click('[data-testid="play"]')
+    page.wait_for_function("window.vibecast.stats.state === 'playing'", timeout=30000)
+    page.fill('[data-testid="script"]', "\n".join(lines[:3] + ["Speaker 1: Decided, at once."]))
+    edited = play_to_the_end(page)
+    assert edited["from_turn"] == 3 and edited["highlighted"] == [3]
+    assert page.locator('[data-testid="status"]').inner_text() == "done"
+    assert errors == []
+    page.close()

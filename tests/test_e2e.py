@@ -39,7 +39,7 @@ def vibevoice_server(tmp_path_factory):
     voices = voice_dir(tmp_path_factory.mktemp("voices"))
     config = ServerConfig(
         port=0, model=str(TINY), voices=str(voices), device="cpu", dtype="float32"
-    ).replace(diffusion_steps=3)
+    ).replace(diffusion_steps=3, turn_cache=False)
     with ServerThread(config) as server:
         yield server
 

@@ -173,6 +173,10 @@ def test_bad_jobs_are_refused_before_they_are_kept(jobs_server) -> None:
         {"speakers": [{"voice_audio": "@@", "voice_format": "wav"}], "turns": script(1)},
     )
     assert status == 400 and body["error"]["param"] == "speakers[0].voice_audio"
+    status, body = call(
+        f"{base}/v1/jobs", {"speakers": VOICES, "turns": script(2), "options": {"from_turn": 1}}
+    )
+    assert status == 400 and body["error"]["param"] == "options.from_turn"
     status, body = call(f"{base}/v1/jobs/nope")
     assert status == 404
     # The HTTP side's guards, as for the speech API: type, declared size, depth.
@@ -216,6 +220,7 @@ class Served:
             "0",
             "--jobs-dir",
             str(folder),
+            "--no-turn-cache",
         ]
         self.process = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -127,8 +127,8 @@ class _Held:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def runner(self, session: Any, feed: Any) -> Any:
-        return self._inner.runner(session, _HeldFeed(feed, self.gate))
+    def runner(self, session: Any, feed: Any, replayed: Any = ()) -> Any:
+        return self._inner.runner(session, _HeldFeed(feed, self.gate), replayed)
 
 
 @pytest.fixture

@@ -309,7 +309,7 @@ def test_a_saved_session_continues_in_another_engine(rt) -> None:
 
     second = backend()
     slot = second.open_session(long_voices(), params)
-    moved = second.runner(slot, TurnFeed(turns), restored)
+    moved = second.runner(slot, TurnFeed(turns), saved=restored)
     elsewhere = []
     while (events := moved.run()) is not None:
         elsewhere += [e.pcm for e in events if isinstance(e, TurnAudio)]

@@ -28,7 +28,7 @@ TURNS = [
 def one_slot(tmp_path_factory):
     voices = voice_dir(tmp_path_factory.mktemp("voices"))
     config = ServerConfig(port=0, model=str(TINY), voices=str(voices), device="cpu").replace(
-        dtype="float32", diffusion_steps=3, max_sessions=1, resume_grace_s=120
+        dtype="float32", diffusion_steps=3, max_sessions=1, resume_grace_s=120, turn_cache=False
     )
     with ServerThread(config) as server:
         yield server

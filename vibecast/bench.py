@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from .engine.pitch import median_f0
 from .protocol import Audio, Cancelled, Client, Done, Error, Queued, ServerError, TurnEnd
 from .protocol.opus import OpusDecoder
 from .protocol.wav import wav_bytes
+
+# Seeds no earlier run used: a server's turn cache must not answer a benchmark.
+SEED = secrets.randbits(48)
 
 DIALOGUE = [
     (0, "Welcome back to the show. Today we are talking about streaming speech."),
@@ -84,7 +88,7 @@ async def first_audio_times(
     for i in range(runs + 1):  # the first run warms caches and is not counted
         async with await Client.connect(url, token=token) as client:
             t0 = time.perf_counter()
-            await client.start(speakers, _turns(), options={"seed": i})
+            await client.start(speakers, _turns(), options={"seed": SEED + i})
             async for msg in client:
                 if isinstance(msg, Audio) and msg.samples:
                     first = time.perf_counter()
@@ -104,7 +108,7 @@ async def full_dialogue(
     per_turn: dict[int, list[np.ndarray]] = {}
     async with await Client.connect(url, token=token) as client:
         t0 = time.perf_counter()
-        ready = await client.start(speakers, _turns(), options={"seed": 1})
+        ready = await client.start(speakers, _turns(), options={"seed": SEED})
         done: Done | None = None
         async for msg in client:
             if isinstance(msg, Audio) and msg.packets:
@@ -218,7 +222,9 @@ def run_bench(args: Any) -> int:
     server = None
     url = args.server
     if url is None:
-        config = ServerConfig(host="127.0.0.1", port=0, model=args.model, max_sessions=1)
+        config = ServerConfig(
+            host="127.0.0.1", port=0, model=args.model, max_sessions=1, turn_cache=False
+        )
         server = ServerThread(config, backend=backend).start()
         url = server.ws_url
     try:
@@ -458,7 +464,7 @@ async def session_batch(
     script = _turns()[:turns]
 
     def options(i: int) -> dict[str, Any]:
-        o: dict[str, Any] = {"seed": i}
+        o: dict[str, Any] = {"seed": SEED + i}
         if frames_per_turn is not None:
             o["frames_per_turn"] = frames_per_turn
         return o
@@ -573,6 +579,7 @@ def sessions_bench(
             config = ServerConfig(
                 host="127.0.0.1",
                 port=0,
+                turn_cache=False,
                 model=backend.name,
                 max_sessions=slots,
                 max_queue=max(32, n),

@@ -17,6 +17,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             p.add_argument(flag, action="store_const", const=True, default=None)
+            off = "--no-" + name.replace("_", "-")  # for the settings that are on by default
+            p.add_argument(off, dest=name, action="store_const", const=False, default=None)
         elif name == "api_keys":
             p.add_argument(
                 "--api-key",
@@ -89,7 +91,15 @@ def main(argv: list[str] | None = None) -> None:
         help="voice of the next speaker: a name from GET /v1/voices or a .wav/.ogg "
         "sample (repeat per speaker; default: the server's voices in order)",
     )
-    say.add_argument("--seed", type=int, help="make the audio repeatable")
+    say.add_argument("--seed", type=int, help="another take (default 0: the same audio each run)")
+    say.add_argument(
+        "--from-turn",
+        type=int,
+        default=0,
+        metavar="K",
+        help="write the audio from turn K on (0 = the first line); the turns before it are "
+        "still spoken for the context, from the server's turn cache when unchanged",
+    )
     say.add_argument("--play-while", action="store_true", help="play the audio as it arrives")
     say.add_argument("--quiet", action="store_true", help="no progress bar")
     say.add_argument(
@@ -153,6 +163,14 @@ def main(argv: list[str] | None = None) -> None:
         "(turns of --frames-per-turn frames, default 100): resident memory each minute, "
         "context rebuilds and their prefill cost per turn",
     )
+    bench.add_argument(
+        "--turn-cache",
+        type=int,
+        metavar="N",
+        help="instead: a script of N turns taken four times on a server with the turn cache "
+        "(from scratch, again, last line edited from it and from the top): first audio, wall "
+        "time, audio the model made (docs/turn-cache.md)",
+    )
     bench.add_argument("--steps", type=int, default=10, help="VibeVoice: diffusion steps per frame")
     bench.add_argument(
         "--soak",
@@ -195,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         from .bench_context import run_context_bench
 
         code = run_context_bench(args)
+    elif args.command == "bench" and args.turn_cache:
+        from .bench_cache import run_cache_bench
+
+        code = run_cache_bench(args)
     elif args.command == "bench" and args.soak:
         from .soak import run_soak
 

@@ -122,6 +122,7 @@ async def say(
     seed: int | None = None,
     play_while: bool = False,
     quiet: bool = False,
+    from_turn: int = 0,
 ) -> tuple[Ready, Done]:
     lines = parse_script(script)
     n_speakers = max(line.speaker for line in lines) + 1
@@ -133,16 +134,22 @@ async def say(
     codec = "pcm_s16le" if suffix == ".wav" else "opus"
     rate = 24000 if codec == "pcm_s16le" else 48000
     fmt = {"codec": codec, "sample_rate": rate}
-    options = {"seed": seed} if seed is not None else None
+    if not 0 <= from_turn < len(lines):
+        raise SayError(
+            f"--from-turn {from_turn}: the script has {len(lines)} turns, 0 .. {len(lines) - 1}"
+        )
+    options: dict[str, Any] = {} if seed is None else {"seed": seed}
+    if from_turn:
+        options["from_turn"] = from_turn
     turns = [{"speaker": line.speaker, "text": line.text} for line in lines]
 
     player = open_player(rate) if play_while else None
     decoder = OpusDecoder(48000) if (player and codec == "opus") else None
     packets: list[bytes] = []
     pcm: list[bytes] = []
-    bar = None if quiet else Progressbar(len(turns))
+    bar = None if quiet else Progressbar(len(turns) - from_turn)
     async with await Client.connect(url, token=token) as client:
-        ready: Ready = await client.start(speakers, turns, format=fmt, options=options)
+        ready: Ready = await client.start(speakers, turns, format=fmt, options=options or None)
         rate = ready.format["sample_rate"]
         skip = ready.format["pre_skip"] if decoder else 0
         done = None
@@ -206,6 +213,13 @@ def run_say(args: Any) -> int:
     if args.job is not None:
         from .say_job import run_job
 
+        if args.from_turn:
+            print(
+                "vibecast say: --from-turn does not go with --job: a job makes the whole "
+                "script; its unchanged turns come from the turn cache",
+                file=sys.stderr,
+            )
+            return 2
         try:
             return run_job(args, script)
         except SayError as e:
@@ -232,7 +246,17 @@ def run_say(args: Any) -> int:
         url = args.server
     try:
         ready, done = asyncio.run(
-            say(script, out, url, args.token, args.voice, args.seed, args.play_while, args.quiet)
+            say(
+                script,
+                out,
+                url,
+                args.token,
+                args.voice,
+                args.seed,
+                args.play_while,
+                args.quiet,
+                args.from_turn,
+            )
         )
     except SayError as e:
         print(f"vibecast say: {e}", file=sys.stderr)

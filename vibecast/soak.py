@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -112,7 +113,7 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
         ready = await client.start(
             [{"voice": v} for v in ("joe", "joe-high", "joe-deep", "joe-bright")],
             turns,
-            options={"seed": 1},
+            options={"seed": secrets.randbits(48)},  # never from a turn cache
         )
         rate = ready.format["sample_rate"]
         lead_limit = ready.limits["max_lead_ms"]

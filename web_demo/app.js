@@ -28,6 +28,7 @@ const stats = {
   closed_code: null, // the WebSocket's close code once it closed
   speakers: [], // as the server resolved them (ready.speakers)
   error: null,
+  from_turn: 0, // the turn this take's audio starts at (after an edit: the first changed one)
 };
 window.vibecast = { stats };
 
@@ -35,6 +36,7 @@ let voices = [];
 const speakerSettings = new Map(); // script speaker number -> {name, voice, upload}
 let script = { turns: [], errors: [], speakers: [] };
 let session = null;
+let lastTake = null; // what the last Play sent: {voices, turns}, to find the first changed line
 
 const player = new Player(onWorklet, onFirstAudio, (message) => fail("internal", message));
 
@@ -150,9 +152,9 @@ function setState(state, text) {
   s.textContent = text || state;
   s.dataset.state = state;
   const busy = ["connecting", "queued", "playing", "stopping"].includes(state);
-  el("play").disabled = busy;
+  // Play stays pressable while a take plays: edit a line, press Play, and the new take starts.
+  el("play").disabled = state === "connecting" || state === "stopping";
   el("stop").disabled = !busy;
-  el("script").readOnly = busy;
 }
 
 function fail(code, message, turn) {
@@ -173,12 +175,33 @@ function wsUrl() {
   return url.toString();
 }
 
+// The first turn that differs from the last take (the turns before it come from the server's
+// turn cache: docs/turn-cache.md); 0 when the voices changed or nothing did.
+function firstChange(voicesKey, turns) {
+  if (!lastTake || lastTake.voices !== voicesKey) return 0;
+  const n = Math.min(lastTake.turns.length, turns.length);
+  let i = 0;
+  while (i < n && lastTake.turns[i].speaker === turns[i].speaker && lastTake.turns[i].text === turns[i].text) i++;
+  return i === turns.length ? 0 : i;
+}
+
+// Leave the take that is playing: the server cancels it; its finished turns stay in the cache.
+function abandon() {
+  const old = session;
+  if (!old || !old.ws) return;
+  session = null;
+  clearInterval(old.ticker);
+  if (old.ws.readyState === WebSocket.OPEN) old.ws.send(encode({ type: "cancel" }));
+  old.ws.close();
+}
+
 async function play() {
   update();
   if (!script.turns.length) {
     fail("bad_field", script.errors[0]?.message || "Write at least one line like: Speaker 1: Hello.");
     return;
   }
+  abandon();
   el("error").hidden = true;
   document.querySelectorAll("#turns li").forEach((li) => li.classList.remove("bad", "current", "made"));
   Object.assign(stats, { ttfa_ms: null, played_samples: 0, received_samples: 0, underruns: 0, current_turn: -1,
@@ -195,11 +218,17 @@ async function play() {
       : { name: s.name, voice: s.voice };
   });
   const turns = script.turns.map((t) => ({ speaker: t.speaker, text: t.text }));
+  const voicesKey = JSON.stringify(speakers.map((s) => s.voice || `${s.voice_format}:${s.voice_audio.length}:${s.name}`));
+  const from = el("play-from").value === "top" ? 0 : firstChange(voicesKey, turns);
+  lastTake = { voices: voicesKey, turns };
+  stats.from_turn = from;
+  const start = { type: "start", speakers, turns, format: { codec: "opus", sample_rate: 48000 } };
+  if (from > 0) start.options = { from_turn: from };
   const ws = new WebSocket(wsUrl(), "vibecast.v1");
   ws.binaryType = "arraybuffer";
   session.ws = ws;
   const mine = session;
-  ws.onopen = () => ws.send(encode({ type: "start", speakers, turns, format: { codec: "opus", sample_rate: 48000 } }));
+  ws.onopen = () => ws.send(encode(start));
   try {
     await audioReady;
   } catch (e) {
@@ -233,7 +262,7 @@ function handle(m) {
         stats.decoder = player.kind;
         el("decoder").textContent = `Decoding with ${player.kind} · ${m.model.name}`;
       }, (e) => fail("internal", e.message));
-      setState("playing", "playing");
+      setState("playing", stats.from_turn ? `playing from line ${stats.from_turn + 1}` : "playing");
       enableDownload();
       break;
     case "queued":

@@ -3,8 +3,9 @@ batch engine stepped by the engine loop (`continuous` and the reference's layout
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,14 +14,14 @@ import torch
 from torch import Tensor
 
 from ...protocol.messages import Code, ProtocolError
-from ..backend import SpeakerVoice, SynthesisParams, Turn, Voice
+from ..backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice
 from ..pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
 from ..resample import resample
 from ..scheduler import HEADROOM, Events, Runner
 from ..voice_audio import decode_voice_audio
 from .batch import BatchEngine, EncodedTurn, Parked, SlotFrame, count_ops, decode_step
 from .config import SAMPLE_RATE
-from .context import Saved, TurnRecord, Window
+from .context import Saved, TurnRecord, Window, record_carry
 from .generate import Runtime
 from .weights import load_runtime
 
@@ -88,8 +89,10 @@ class SlotRunner:
 
     def _restore(self, saved: Saved, gen: torch.Generator) -> None:
         if self.window is None:
-            raise ValueError("a saved context needs a session opened in context mode")
-        self.window.restore(saved)
+            if saved.records:
+                raise ValueError("a saved context needs a session opened in context mode")
+        else:
+            self.window.restore(saved)
         gen.set_state(saved.rng)  # after the voice prompts' draws, where the session was
         self.next = saved.next
 
@@ -154,7 +157,7 @@ class SlotRunner:
                 self.turn, self.held = self.held, None
                 engine.go_on(self.slot, None, engine.next_token(self.slot))
                 return True
-            events.append(TurnEnded(self.held.index, capped=self.capped))
+            self._ended(self.held, events, self.capped)
             self.held = None
         turn = self.feed.peek(self.next)
         if turn is None:  # ready() said so: the script is complete
@@ -205,6 +208,16 @@ class SlotRunner:
     def _more(self) -> bool:
         return not self.feed.complete or self.feed.peek(self.next) is not None
 
+    def _ended(self, turn: Turn, events: Events, capped: bool) -> None:
+        """Turn over: its end, with what a later session needs to go on after it (turn cache)."""
+        sess = self.group.engine.sessions[self.slot]
+        assert sess is not None
+        carry: Carry = {"rng": sess.gen.get_state().numpy()}
+        if self.window is not None:
+            hidden = self.group.engine.rt.cfg.lm.hidden_size
+            carry |= record_carry(self.window.records[-1], hidden)
+        events.append(TurnEnded(turn.index, capped=capped, carry=carry))
+
     # -- a unit, after the step ----------------------------------------------------------------
 
     def take(self, frame: SlotFrame, events: Events) -> None:
@@ -215,21 +228,21 @@ class SlotRunner:
         self.capped |= frame.capped
         if self.window is None:
             if frame.done:
-                events.append(TurnEnded(turn.index, capped=frame.capped))
+                self._ended(turn, events, frame.capped)
                 self.turn = None
             return
         engine = self.group.engine
         if not frame.ended:
             self.window.consumed(frame.token, frame.input)
         if frame.ended:  # eos with nothing left to say: the session's speech is over
-            events.append(TurnEnded(turn.index, capped=self.capped))
+            self._ended(turn, events, self.capped)
             self.turn, self.over = None, True
         elif frame.boundary:
             self.turn = None
             if self.feed.peek(self.next) is not None:
-                events.append(TurnEnded(turn.index, capped=self.capped))
+                self._ended(turn, events, self.capped)
             elif self.feed.complete and (self.capped or self.cut or self.forced):
-                events.append(TurnEnded(turn.index, capped=self.capped))
+                self._ended(turn, events, self.capped)
                 self.over = True
             else:
                 self.held = turn  # run on (complete) or wait for more lines (prepare)
@@ -264,6 +277,7 @@ class BatchGroup:
         self.wake: Callable[[], None] = lambda: None  # the engine loop's, set when it adds us
         self.rebuilds = 0  # context rebuilds (not counting each session's first context)
         self.rebuild_s = 0.0  # their prefill time
+        self.frames = 0  # frames made, every session together
 
     def leave(self, runner: SlotRunner) -> None:
         if runner.parked is None and self.members.get(runner.slot) is runner:
@@ -295,6 +309,7 @@ class BatchGroup:
                 else:
                     self.engine.pause(slot)
         for frame in self.engine.step():
+            self.frames += frame.audio is not None
             member = self.members[frame.slot]
             got = out[member]
             assert isinstance(got, list)
@@ -330,6 +345,7 @@ class VibeVoiceBackend:
         self.engine = BatchEngine(rt, slots, window, steps)
         self.group = BatchGroup(self.engine)
         self._capacity = 1  # measured by warmup()
+        self._fingerprint = ""
 
     @staticmethod
     def load(
@@ -405,15 +421,50 @@ class VibeVoiceBackend:
         return {
             "context_rebuilds": float(self.group.rebuilds),
             "context_rebuild_seconds": self.group.rebuild_s,
+            "engine_frames": float(self.group.frames),
+            "engine_audio_seconds": self.group.frames * 3200 / SAMPLE_RATE,
         }
 
     def seconds_per_char(self) -> float:
         return 0.085
 
-    def runner(self, session: int, feed: TurnFeed, saved: Saved | None = None) -> SlotRunner:
-        """`saved`: continue a context session saved elsewhere (`SlotRunner.save`), opened
-        here with the same voices and seed; its context is rebuilt before its next turn."""
+    def runner(
+        self,
+        session: int,
+        feed: TurnFeed,
+        replayed: Sequence[Carry] = (),
+        saved: Saved | None = None,
+    ) -> SlotRunner:
+        """`replayed`: the carries of the turns the turn cache replayed; `saved`: a context
+        session saved elsewhere (`SlotRunner.save`). Either way the session was opened here
+        with the same voices and seed, and goes on at its next turn (in `context` mode after
+        a rebuild of its context from the turns' records)."""
+        if replayed:
+            sess = self.engine.sessions[session]
+            assert sess is not None
+            if sess.context:
+                saved = Saved.from_carries(replayed, self.engine.window, self.rt.dtype)
+            else:
+                rng = torch.from_numpy(replayed[-1]["rng"].copy())
+                saved = Saved(len(replayed), len(replayed), [], rng)
         return SlotRunner(self.group, session, feed, saved)
+
+    def fingerprint(self) -> str:
+        """The weights (a sample of every tensor: cheap, and random checkpoints differ), and
+        what else shapes the numbers: steps, window, dtype, device kind."""
+        if not self._fingerprint:
+            self._fingerprint = self._digest()
+        return self._fingerprint
+
+    def _digest(self) -> str:
+        digest = hashlib.sha256(self.name.encode())
+        for name, p in self.rt.model.state_dict().items():
+            flat = p.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy()
+            digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode() + sample.tobytes())
+        e = self.engine
+        digest.update(f"{e.steps}:{e.window}:{self.rt.dtype}:{self.rt.device.type}".encode())
+        return f"{self.name}:{digest.hexdigest()}"
 
     def warmup(self) -> None:
         """Run a turn through the engine, then time a step: every step runs all slots (static
@@ -436,6 +487,7 @@ class VibeVoiceBackend:
         frame_s = 3200 / SAMPLE_RATE
         slots = self.engine.max_slots
         self._capacity = min(slots, max(1, int(slots * HEADROOM * frame_s / step_s)))
+        self.fingerprint()  # now, not from a request's thread while the loop steps
 
     def realtime_capacity(self) -> int:
         return self._capacity

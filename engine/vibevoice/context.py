@@ -28,10 +28,13 @@ The server's rules where the model and the script disagree (docs/modes.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from ..backend import Carry
 from .processor import text_block
 from .tokenizer import TextTokenizer
 
@@ -104,6 +107,30 @@ class Saved:
             TurnRecord(r["tokens"].tolist(), list(r["frames"].unbind(0))) for r in d["records"]
         ]
         return Saved(int(d["next"]), int(d["first"]), records, d["rng"])
+
+    @staticmethod
+    def from_carries(carries: Sequence[Carry], budget: int, dtype: torch.dtype) -> Saved:
+        """Turns 0 .. n - 1 replayed from the turn cache (each turn's `record_carry`): the last
+        turns whose records fit `budget` positions are kept (the next turn's rebuild drops more
+        if it needs the room), so only those are read."""
+        n = first = len(carries)
+        used = 0
+        while first > 0 and used + len(carries[first - 1]["tokens"]) <= budget:
+            first -= 1
+            used += len(carries[first]["tokens"])
+        records = [
+            TurnRecord(
+                c["tokens"].tolist(), list(torch.from_numpy(c["frames"]).to(dtype).unbind(0))
+            )
+            for c in (carries[j] for j in range(first, n))
+        ]
+        return Saved(n, first, records, torch.from_numpy(carries[n - 1]["rng"].copy()))
+
+
+def record_carry(record: TurnRecord, hidden: int) -> Carry:
+    """A finished turn's record as arrays (frames in float32: exact for bf16 too)."""
+    frames = torch.stack(record.frames).float() if record.frames else torch.zeros(0, hidden)
+    return {"tokens": np.array(record.tokens, np.int64), "frames": frames.numpy()}
 
 
 class Window:
