@@ -91,6 +91,9 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+MAX_BRACKETS = 200_000
+
+
 async def read_json(request: Request, limit: int) -> dict[str, Any]:
     """The body as a JSON object; a body over `limit` bytes is refused before it is read."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -108,6 +111,16 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, "too_big", f"the body is over {limit} bytes; send less.")
+    # Millions of tiny containers parse into gigabytes of Python objects, holding the GIL for
+    # seconds; a request has a few dozen (brackets in its text count too: the bound leaves room).
+    brackets = body.count(b"{") + body.count(b"[")
+    if brackets > MAX_BRACKETS:
+        raise ApiError(
+            400,
+            "bad_message",
+            f"the body has {brackets} JSON containers ('{{' and '['), over {MAX_BRACKETS}; a "
+            "request needs a few dozen.",
+        )
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:

@@ -10,11 +10,14 @@ between audio messages must stay under half a second, while the process's peak r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import struct
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -117,8 +120,9 @@ async def beside_a_victim(
 
 
 @pytest.fixture(scope="module")
-def hostile(piper):
-    with running_server(piper, resume_grace_s=600) as server:
+def hostile(piper, tmp_path_factory):
+    jobs = str(tmp_path_factory.mktemp("jobs"))
+    with running_server(piper, resume_grace_s=600, jobs_dir=jobs) as server:
         yield server
 
 
@@ -423,3 +427,56 @@ def test_a_huge_voice_name_is_refused_without_echoing_it(hostile) -> None:
     got = asyncio.run(replies(hostile.ws_url, frame))
     assert (got[0].code, got[0].field) == ("bad_field", "speakers[0].voice")
     assert len(got[0].message) < 300
+
+
+# -- the HTTP routes: the same attacks as bodies of POST /v1/audio/speech and /v1/jobs ------------
+
+
+def http_post(url: str, body: bytes, kind: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": kind}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            r.read()
+            return r.status, {}
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.loads(e.read())
+
+
+def check_http_attack(server, path: str, body: bytes, kind: str) -> tuple[int, dict[str, Any]]:
+    url = server.http_url + path
+    base = reset_peak_rss()
+    gap, got = asyncio.run(
+        beside_a_victim(server.ws_url, lambda: asyncio.to_thread(http_post, url, body, kind))
+    )
+    growth = peak_rss_mb() - base
+    assert gap < MAX_GAP_S, f"the victim went {gap:.2f} s without audio"
+    assert growth < MAX_PEAK_GROWTH_MB, f"peak memory grew {growth:.0f} MB"
+    return got
+
+
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/v1/jobs"])
+def test_a_json_body_of_millions_of_objects_is_refused_cheaply(hostile, path: str) -> None:
+    body = b'{"input": [' + b",".join([b"{}"] * 3_000_000) + b"]}"
+    assert len(body) > 8_000_000
+    status, answer = check_http_attack(hostile, path, body, "application/json")
+    assert status == 400 and answer["error"]["code"] == "bad_message"
+    assert "containers" in answer["error"]["message"]
+
+
+def test_a_job_with_an_ogg_bomb_for_a_voice_is_refused_cheaply(hostile) -> None:
+    ogg = ogg_of_packets([b"\xfb\x06"] * 500_000)  # 16 hours of claimed audio in 1 MB
+    request = {"speakers": [{"name": "Guest"}], "turns": turns_of()[:1]}
+    boundary = "hostile-boundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="request"\r\n\r\n'.encode()
+        + json.dumps(request).encode()
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="voice_0"; '
+        'filename="bomb.ogg"\r\n\r\n'.encode()
+        + ogg
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    kind = f"multipart/form-data; boundary={boundary}"
+    status, answer = check_http_attack(hostile, "/v1/jobs", body, kind)
+    assert status == 400 and answer["error"]["code"] == "bad_voice_audio"
+    assert answer["error"]["param"] == "speakers[0].voice_audio"
