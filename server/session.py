@@ -215,7 +215,10 @@ class Session:
         self._loop = asyncio.get_running_loop()
         spec = self.spec
         if self.cache is not None:  # reads files and hashes uploads: off the event loop
-            self._found = await asyncio.to_thread(self._look_up)
+            try:
+                self._found = await asyncio.to_thread(self._look_up)
+            except OSError as e:  # an unreadable cache costs speed, not the session
+                log.warning("turn cache lookup failed (%s); making every turn", e)
             if self.feed.complete and len(self._found) == self.feed.total:
                 self.state = State.STREAMING  # all of it is in the cache: no engine session
                 self.counters.ready_at = time.monotonic()
@@ -570,7 +573,11 @@ class Session:
         assert turn is not None
         pcm = np.concatenate(self._pcm) if self._pcm else np.zeros(0, np.float32)
         self._pcm = []
-        self.cache.put(self._key(turn, self._is_last(turn.index)), pcm, event.capped, event.carry)
+        key = self._key(turn, self._is_last(turn.index))
+        try:
+            self.cache.put(key, pcm, event.capped, event.carry)
+        except OSError as e:  # a full or read-only disk: the take goes on without storing
+            log.warning("turn cache: could not store turn %d (%s)", turn.index, e)
 
     def _engine_done(self, error: BaseException | None) -> None:
         if error is not None:

@@ -75,6 +75,8 @@ class TurnCache:
         if self._files is None:
             found = []
             if self.folder.is_dir():
+                for f in self.folder.glob("*/*.tmp"):  # a write cut short by a crash
+                    f.unlink(missing_ok=True)
                 for f in self.folder.glob("*/*.safetensors"):
                     st = f.stat()
                     found.append((st.st_mtime_ns, f.stem, st.st_size))

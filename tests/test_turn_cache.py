@@ -338,3 +338,15 @@ def test_a_turns_mode_edit_equals_a_fresh_take(vibevoice_cached, tmp_path: Path)
     with ServerThread(config) as plain:
         fresh = take(plain, edited)
     assert packets(again) == packets(fresh)
+
+
+def test_a_cache_folder_that_cannot_be_written_does_not_fail_the_take(
+    piper, tmp_path: Path, caplog
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    with running_server(piper, turn_cache=True, turn_cache_dir=str(blocker / "turns")) as s:
+        result = run(s.ws_url, DIALOGUE[:2])
+        assert result.done.turns == 2 and len(turn_samples(result)) == 2
+        assert counters(s, "turn_cache_misses")["turn_cache_misses"] == 0
+    assert "could not store turn 0" in caplog.text
