@@ -12,7 +12,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_packages=(libopus0 opus-tools)
-[ "$want_test" = 1 ] && apt_packages+=(chromium curl)
+[ "$want_test" = 1 ] && apt_packages+=(chromium curl redis-server)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

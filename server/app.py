@@ -116,6 +116,10 @@ def create_app(
     load_backend: Callable[[], Backend],
     store: SessionStore | None = None,
 ) -> Starlette:
+    if store is None and config.store_url:
+        from .redis_store import RedisStore
+
+        store = RedisStore(config.store_url)
     state = AppState(config, load_backend, store=store or MemoryStore())
 
     @asynccontextmanager
@@ -155,6 +159,7 @@ def create_app(
             await asyncio.to_thread(lambda: [s.join(10) for s in sessions])
             await asyncio.to_thread(state.sessions.scheduler.close)
             state.archive.close()
+            state.store.close()
 
     def authorized(request: Request | WebSocket) -> str | None | Literal[False]:
         return _key_name(config, dict(request.headers), dict(request.query_params))

@@ -46,6 +46,10 @@ class ServerConfig:
     device: str = "auto"
     diffusion_steps: int = 10
     """VibeVoice: diffusion steps per frame, the same for every session (they share a batch)."""
+    store_url: str | None = None
+    """`redis://HOST:PORT/DB`: resume tokens, the ring of sent frames, the admission queue and
+    the job table in Redis (server/redis_store.py), shared by the gateways of a cluster. None:
+    in this process, and jobs in SQLite under `jobs_dir`."""
     jobs_dir: str = "~/.local/share/vibecast/jobs"
     """Where jobs (POST /v1/jobs) keep their metadata (jobs.sqlite3) and audio; created when
     the first job comes."""

@@ -102,12 +102,17 @@ class Jobs:
     def store(self) -> JobStore:
         """Opened on first use, so a server that never sees a job writes nothing to disk."""
         if self._store is None:
-            self._store = SqliteJobStore(self.folder / "jobs.sqlite3")
+            if self.config.store_url:
+                from .redis_store import RedisJobStore
+
+                self._store = RedisJobStore(self.config.store_url)
+            else:
+                self._store = SqliteJobStore(self.folder / "jobs.sqlite3")
         return self._store
 
     def resume(self) -> None:
         """At start-up: every job a dead process left queued or running goes on."""
-        if not (self.folder / "jobs.sqlite3").exists():
+        if not self.config.store_url and not (self.folder / "jobs.sqlite3").exists():
             return
         self.clean()
         for job in self.store.all():

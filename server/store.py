@@ -1,7 +1,9 @@
-"""Session state that must outlive a socket: resume tokens, the admission queue, and the ring
-of sent frames. One small interface with an in-memory default; across machines the same calls
-map onto Redis (docs/scaleout.md): SET tok:{id}, a ZSET ring:{id} keyed by frame index, a ZSET
-queue keyed by arrival, each with the same semantics as below.
+"""Session state that must outlive a socket: resume tokens, the admission queue, the ring of
+sent frames, the fencing epoch of the session's writer, and the engine's rebuildable state. One
+small interface with an in-memory default; across machines server/redis_store.py implements the
+same calls on Redis (tok:{id}, a ZSET ring:{id} keyed by frame index, an INCR epoch:{id}, a ZSET
+queue keyed by arrival), with the same semantics as below; tests/test_store.py runs one suite
+against both.
 """
 
 from __future__ import annotations
@@ -44,6 +46,21 @@ class SessionStore(Protocol):
     def queue(self) -> list[str]:
         """Waiting session ids, first in line first."""
 
+    def attach(self, session_id: str) -> int:
+        """A writer takes the session over: bump and return its fencing epoch."""
+
+    def epoch(self, session_id: str) -> int:
+        """The current fencing epoch (0: never attached, or forgotten). A writer whose epoch
+        differs is stale and must stop."""
+
+    def save_state(self, session_id: str, data: bytes) -> None:
+        """Keep the engine's rebuildable state (opaque bytes); dropped for an unknown session."""
+
+    def state(self, session_id: str) -> bytes | None: ...
+
+    def close(self) -> None:
+        """The server is stopping: let go of connections."""
+
 
 @dataclass
 class _Ring:
@@ -61,11 +78,16 @@ class MemoryStore:
         self._rings: dict[str, _Ring] = {}
         self._queue: dict[str, int] = {}
         self._arrival = itertools.count()
+        self._epochs: dict[str, int] = {}
+        self._states: dict[str, bytes] = {}
 
     def register(self, session_id: str, resume_token: str) -> None:
+        # A session starts afresh: an empty ring and no engine state. The epoch stays, so that a
+        # writer attached before cannot mistake the new session for its own.
         with self._lock:
             self._tokens[session_id] = resume_token
             self._rings[session_id] = _Ring()
+            self._states.pop(session_id, None)
 
     def token_matches(self, session_id: str, resume_token: str) -> bool:
         with self._lock:
@@ -79,6 +101,8 @@ class MemoryStore:
             self._tokens.pop(session_id, None)
             self._rings.pop(session_id, None)
             self._queue.pop(session_id, None)
+            self._epochs.pop(session_id, None)  # epoch 0: every writer left is stale
+            self._states.pop(session_id, None)
 
     def ring_append(self, session_id: str, frame: RingFrame) -> None:
         with self._lock:
@@ -122,6 +146,29 @@ class MemoryStore:
     def queue(self) -> list[str]:
         with self._lock:
             return sorted(self._queue, key=self._queue.__getitem__)
+
+    def close(self) -> None:
+        return None
+
+    def attach(self, session_id: str) -> int:
+        with self._lock:
+            epoch = self._epochs.get(session_id, 0) + 1
+            self._epochs[session_id] = epoch
+            return epoch
+
+    def epoch(self, session_id: str) -> int:
+        with self._lock:
+            return self._epochs.get(session_id, 0)
+
+    def save_state(self, session_id: str, data: bytes) -> None:
+        # Like ring_append: a late engine thread must not bring back a forgotten session.
+        with self._lock:
+            if session_id in self._tokens:
+                self._states[session_id] = data
+
+    def state(self, session_id: str) -> bytes | None:
+        with self._lock:
+            return self._states.get(session_id)
 
 
 @dataclass

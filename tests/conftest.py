@@ -36,6 +36,15 @@ def running_server(backend: Any, **settings: Any) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A throwaway redis-server (tests/redis_server.py) for the whole run."""
+    from redis_server import running_redis
+
+    with running_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def server(piper: PiperBackend) -> Iterator[ServerThread]:
     """A default-config server for tests that do not change settings."""
     with running_server(piper) as s:

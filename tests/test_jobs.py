@@ -363,3 +363,28 @@ def test_a_job_takes_voice_files_as_multipart(jobs_server, tmp_path) -> None:
         urllib.request.urlopen(post, timeout=60)
     with info.value as e:
         assert e.code == 400 and json.loads(e.read())["error"]["param"] == "voice_7"
+
+
+def test_jobs_kept_in_redis_are_seen_by_another_server(piper, redis_url, tmp_path) -> None:
+    """With --store-url the job table is in Redis: a second server on the same Redis and the
+    same audio folder lists and serves the first one's job (as gateways of a cluster do)."""
+    from vibecast.server.redis_store import RedisJobStore
+
+    settings = {"store_url": redis_url, "jobs_dir": str(tmp_path)}
+    with running_server(piper, **settings) as first:
+        status, job = call(f"{first.http_url}/v1/jobs", {"speakers": VOICES, "turns": script(2)})
+        assert status == 202
+        follow(first.http_url, job["id"], lambda s: s["status"] == "done")
+        _, made = call(f"{first.http_url}/v1/jobs/{job['id']}/audio?format=wav")
+    kept = RedisJobStore(redis_url)
+    try:
+        record = kept.get(job["id"])
+        assert record is not None and (record.status, record.turns_done) == ("done", 2)
+        assert not (tmp_path / "jobs.sqlite3").exists()  # nothing of it went to SQLite
+    finally:
+        kept.close()
+    with running_server(piper, **settings) as second:
+        status, listed = call(f"{second.http_url}/v1/jobs")
+        assert status == 200 and job["id"] in [j["id"] for j in listed["jobs"]]
+        status, wav = call(f"{second.http_url}/v1/jobs/{job['id']}/audio?format=wav")
+        assert status == 200 and wav == made

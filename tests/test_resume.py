@@ -16,9 +16,11 @@ from vibecast.protocol import Audio, Client, Done, Error, ServerError, TurnEnd, 
 SEED = 21
 
 
-@pytest.fixture(scope="module")
-def resumable(piper):
-    with running_server(piper, resume_grace_s=30) as server:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def resumable(piper, request):
+    """The same checks with the session state in this process and in Redis (--store-url)."""
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    with running_server(piper, resume_grace_s=30, store_url=url) as server:
         yield server
 
 
