@@ -121,6 +121,8 @@ class Scheduler:
         entry = Entry(runner, sink)
         if runner.group is not None:
             runner.group.wake = self.wake  # its background work (a prefill) may end any time
+        elif hasattr(runner, "wake"):
+            runner.wake = self.wake  # a remote runner: its batches arrive on another thread
         with self._cond:
             self._entries.append(entry)
             self._cond.notify()
@@ -143,6 +145,10 @@ class Scheduler:
                 e.stopped = True
             self._cond.notify()
         self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        """The loop's thread is running (health checks)."""
+        return self._thread.is_alive()
 
     def active(self) -> int:
         with self._cond:

@@ -72,12 +72,68 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster(args: argparse.Namespace) -> int:
+    from .server.config import load_config
+    from .server.run import check_exposure
+
+    flags = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
+    try:
+        config = load_config(args.config, flags=flags)
+        check_exposure(config)
+        if not config.store_url:
+            raise ValueError(
+                "a cluster keeps its state in Redis: give --store-url redis://HOST:PORT"
+            )
+    except (ValueError, OSError) as e:
+        print(f"vibecast cluster: {e}", file=sys.stderr)
+        return 2
+    try:
+        import ray
+        from ray import serve
+
+        from .server.cluster import APP, application
+    except ImportError:
+        print(
+            "vibecast cluster: Ray is not installed: pip install 'vibecast[cluster]'",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ray.init(address=args.address, include_dashboard=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application(config, args.engines, args.gateways), name=APP, route_prefix="/")
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(
+        f"vibecast: cluster ready ({args.gateways} gateway(s), {args.engines} engine(s)). "
+        f"Open http://{host}:{config.port}/ (WebSocket ws://{host}:{config.port}/v1/stream)",
+        flush=True,
+    )
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vibecast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (default voice: Piper joe, on CPU)")
     _add_server_flags(serve)
+
+    cluster = sub.add_parser(
+        "cluster", help="run gateways and engine replicas on a Ray cluster (docs/scaleout.md)"
+    )
+    _add_server_flags(cluster)
+    cluster.add_argument("--engines", type=int, default=1, help="engine replicas (one per GPU)")
+    cluster.add_argument("--gateways", type=int, default=1, help="gateway replicas")
+    cluster.add_argument(
+        "--address",
+        help="the Ray cluster to join (e.g. auto, or ray://HEAD:10001); default: start one here",
+    )
 
     say = sub.add_parser("say", help="speak a script file into an .opus or .wav file")
     say.add_argument("script", nargs="?", help="file of 'Speaker N: text' lines ('-' for stdin)")
@@ -205,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "serve":
         code = _serve(args)
+    elif args.command == "cluster":
+        code = _cluster(args)
     elif args.command == "say":
         from .say import run_say
 

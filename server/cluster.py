@@ -1,0 +1,155 @@
+"""vibecast on Ray Serve (docs/scaleout.md): gateway replicas (this server's app, its model a
+`RemoteBackend`) and engine replicas (a backend and its engine loop, `EngineService`), joined by
+streaming deployment handles; the state that must outlive a process in Redis (`--store-url`).
+
+Ray is optional (`pip install 'vibecast[cluster]'`): nothing here is imported by `vibecast
+serve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, cast
+
+import redis
+import redis.asyncio as aioredis
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from ..engine.serving import EngineService
+from .config import ServerConfig
+
+log = logging.getLogger("vibecast.cluster")
+
+APP = "vibecast"
+ALIVE_MS = 2000  # a stream whose gateway has not said it is alive for this long stops
+PREFIX = "vibecast:"
+
+
+def _key(kind: str, name: str) -> str:
+    return f"{PREFIX}{kind}:{name}"
+
+
+class RedisLiveness:
+    """The engine's side of engine/serving.py's `Liveness`, and where it says what it serves
+    (`engine:{pid}` sets: which engine runs which stream, for operators and tests)."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = aioredis.from_url(url)
+        self._pid = os.getpid()
+
+    async def acked(self, stream: str) -> int:
+        value = await self._redis.get(_key("ack", stream))
+        return int(value or 0)
+
+    async def alive(self, stream: str) -> bool:
+        return bool(await self._redis.exists(_key("alive", stream)))
+
+    async def serving(self, stream: str, on: bool) -> None:
+        key = _key("engine", str(self._pid))
+        if on:
+            await self._redis.sadd(key, stream)
+            await self._redis.incr(_key("served", str(self._pid)))
+        else:
+            await self._redis.srem(key, stream)
+
+
+class RayLink:
+    """The gateway's side: streams over the engine deployment's handle, acknowledgements and
+    liveness in Redis (server/remote.py's `EngineLink`)."""
+
+    def __init__(self, handle: DeploymentHandle, url: str) -> None:
+        self._handle = handle
+        self._redis = redis.Redis.from_url(url)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._handle.describe.remote().result())
+
+    def stream(self, request: bytes) -> Iterable[bytes]:
+        return cast(Iterable[bytes], self._handle.options(stream=True).stream.remote(request))
+
+    def cancel(self, stream: Iterable[bytes]) -> None:
+        if isinstance(stream, DeploymentResponseGenerator):
+            stream.cancel()
+
+    def ack(self, stream: str, batches: int) -> None:
+        self._redis.set(_key("ack", stream), batches, ex=3600)
+
+    def beat(self, streams: list[str]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for s in streams:
+            pipe.set(_key("alive", s), 1, px=ALIVE_MS)
+        pipe.execute()
+
+    def done(self, stream: str) -> None:
+        self._redis.delete(_key("alive", stream), _key("ack", stream))
+
+
+@serve.deployment(name="Engine")
+class Engine:
+    """One replica per GPU (or per CPU slice in tests): many sessions, one engine loop."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from ..engine.loader import load_backend
+
+        config = _config(settings)
+        backend = load_backend(config.model, config.device, config.dtype, config.voices)
+        backend.warmup()
+        assert config.store_url is not None
+        self.service = EngineService(backend, RedisLiveness(config.store_url))
+        redis.Redis.from_url(config.store_url).sadd(f"{PREFIX}engines", os.getpid())
+
+    async def describe(self) -> dict[str, Any]:
+        return self.service.describe()
+
+    async def stream(self, request: bytes) -> AsyncIterator[bytes]:
+        async for batch in self.service.stream(request):
+            yield batch
+
+    async def check_health(self) -> None:
+        if not self.service.scheduler.alive():
+            raise RuntimeError("the engine loop has stopped")
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress()
+class Gateway:
+    """This server's app (WebSocket protocol, HTTP API, admission, resume) with the engines'
+    model behind a RemoteBackend."""
+
+    def __init__(self, settings: dict[str, Any], engines: DeploymentHandle, share: float) -> None:
+        self.config = _config(settings)
+        self.engines = engines
+        self.share = share  # engine replicas per gateway: this gateway's part of the capacity
+        assert self.config.store_url is not None
+        redis.Redis.from_url(self.config.store_url).sadd(f"{PREFIX}gateways", os.getpid())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .app import create_app
+        from .remote import RemoteBackend
+
+        url = self.config.store_url
+        assert url is not None
+        link = RayLink(self.engines, url)
+        return create_app(self.config, lambda: RemoteBackend(link, self.share))
+
+
+def _config(settings: dict[str, Any]) -> ServerConfig:
+    settings = dict(settings)
+    limits = settings.pop("limits", {})
+    settings["api_keys"] = tuple(settings.get("api_keys", ()))
+    return ServerConfig(**settings).replace(**limits)
+
+
+def application(config: ServerConfig, engines: int, gateways: int) -> Any:
+    """The Serve application: `gateways` gateway replicas and `engines` engine replicas."""
+    if not config.store_url:
+        raise ValueError("a cluster keeps its state in Redis: give --store-url redis://HOST:PORT")
+    settings = dataclasses.asdict(config)
+    # (Serve's decorators make deployments of the classes; mypy sees the classes.)
+    engine = cast(Any, Engine).options(num_replicas=engines).bind(settings)
+    gateway = cast(Any, Gateway).options(num_replicas=gateways)
+    return gateway.bind(settings, engine, engines / gateways)
