@@ -150,6 +150,7 @@ def application(config: ServerConfig, engines: int, gateways: int) -> Any:
         raise ValueError("a cluster keeps its state in Redis: give --store-url redis://HOST:PORT")
     settings = dataclasses.asdict(config)
     # (Serve's decorators make deployments of the classes; mypy sees the classes.)
-    engine = cast(Any, Engine).options(num_replicas=engines).bind(settings)
+    gpus = {"num_gpus": 1} if config.device == "cuda" else {}  # one GPU per engine replica
+    engine = cast(Any, Engine).options(num_replicas=engines, ray_actor_options=gpus).bind(settings)
     gateway = cast(Any, Gateway).options(num_replicas=gateways)
     return gateway.bind(settings, engine, engines / gateways)
