@@ -41,6 +41,9 @@ class Liveness(Protocol):
     async def serving(self, stream: str, on: bool) -> None:
         """This engine started (True) or stopped (False) generating `stream`."""
 
+    async def abandoned(self, stream: str) -> None:
+        """This engine stopped `stream` because its gateway was gone (for operators, tests)."""
+
 
 def _seconds(events: list[PipelineEvent], rate: int) -> float:
     return sum(len(e.pcm) for e in events if isinstance(e, TurnAudio)) / rate
@@ -175,4 +178,5 @@ class EngineService:
             if not await self.liveness.alive(stream):
                 log.info("stream %s: its gateway is gone; stopping it", stream)
                 sink.stop()
+                await self.liveness.abandoned(stream)
                 return

@@ -33,6 +33,16 @@ def _uncarry(c: dict[str, list[Any]] | None) -> Carry | None:
     return None if c is None else {k: _from(v) for k, v in c.items()}
 
 
+def pack_carry(c: Carry) -> bytes:
+    return msgpack.packb(_carry(c), use_bin_type=True)
+
+
+def unpack_carry(data: bytes) -> Carry:
+    c = _uncarry(msgpack.unpackb(data, raw=False))
+    assert c is not None
+    return c
+
+
 @dataclass
 class StreamRequest:
     """One session's generation on an engine, from turn len(replayed) on."""

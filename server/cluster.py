@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, cast
 
@@ -47,6 +48,9 @@ class RedisLiveness:
 
     async def alive(self, stream: str) -> bool:
         return bool(await self._redis.exists(_key("alive", stream)))
+
+    async def abandoned(self, stream: str) -> None:
+        await self._redis.set(_key("abandoned", stream), time.time(), ex=3600)
 
     async def serving(self, stream: str, on: bool) -> None:
         key = _key("engine", str(self._pid))

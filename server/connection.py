@@ -204,6 +204,10 @@ class Connection:
 
     async def _resume(self, resume: Resume) -> None:
         session = self.hub.get(resume.session_id)
+        if session is None:  # with a shared store: a session whose gateway died
+            session = await self.hub.take_over(
+                resume.session_id, resume.resume_token, resume.last_seq
+            )
         if session is None or not self.hub.store.token_matches(
             resume.session_id, resume.resume_token
         ):

@@ -46,6 +46,7 @@ class AudioOutput:
         self._turn_pts = 0
         self._pending = np.zeros(0, np.float32)  # less than one frame, waiting for more
         self._resampler: Resampler | None = None
+        self._skip = 0  # samples of the current turn another gateway already sent
 
     @property
     def pre_skip(self) -> int:
@@ -78,9 +79,21 @@ class AudioOutput:
         self._resampler = Resampler(self.engine_rate, self.fmt.sample_rate)
         return TurnStart(turn, speaker, text, self.pts)
 
+    def go_on(self, seq: int, pts: int) -> None:
+        """A session taken over from another gateway: its messages go on from these."""
+        self.seq, self.pts = seq, pts
+
+    def go_on_in_turn(self, turn_pts: int, sent: int) -> None:
+        """Right after `turn_start` of the turn in progress when the session was taken over:
+        it started at `turn_pts`, and its first `sent` samples (whole frames) went out."""
+        self._turn_pts, self._skip = turn_pts, sent
+
     def audio(self, turn: int, pcm: np.ndarray) -> Audio | None:
         assert self._resampler is not None, "audio before turn_start"
         x = np.concatenate([self._pending, self._resampler.push(pcm)])
+        if self._skip:
+            drop = min(self._skip, len(x))
+            x, self._skip = x[drop:], self._skip - drop
         whole = len(x) - len(x) % self.fmt.frame
         self._pending = x[whole:]
         return self._message(turn, x[:whole], whole) if whole else None

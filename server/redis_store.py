@@ -8,7 +8,7 @@ slot and its scripts touch one node:
     ring:{sid}       ZSET    score frame index, member the packed frame (_FRAME header + data)
     trimmed:{sid}    STRING  the last audio seq trimmed from the ring (absent: none)
     epoch:{sid}      STRING  INCR fencing epoch
-    state:{sid}      STRING  the engine's rebuildable state blob
+    state:{sid}      HASH    the session's rebuildable state, one field per part
     queue            ZSET    score arrival number, member session id
     queue:arrival    STRING  INCR arrival counter
     job:<id>         HASH    one JobRecord, each field as JSON (None, int and float round-trip)
@@ -66,7 +66,7 @@ end
 
 _SAVE_STATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('SET', KEYS[2], ARGV[1])
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 end
 """
 
@@ -85,6 +85,8 @@ def _unpack(member: bytes) -> RingFrame:
 class RedisStore:
     """`store.SessionStore` on Redis. Thread-safe: redis-py's client takes a connection from
     its pool for each call."""
+
+    shared = True  # other processes see what this one writes
 
     def __init__(self, url: str, prefix: str = "vibecast:") -> None:
         # Bytes in and out: ring frames and state blobs are binary.
@@ -148,6 +150,10 @@ class RedisStore:
         # last_seq is not in the ring: it is either the last trimmed frame or not sent yet.
         return frames if last_seq == trimmed_seq else None
 
+    def ring_last(self, session_id: str) -> RingFrame | None:
+        members = cast(list[bytes], self._redis.zrange(self._key("ring", session_id), -1, -1))
+        return _unpack(members[0]) if members else None
+
     def ring_trim(self, session_id: str, keep_from_pts: int) -> None:
         keys = [self._key("ring", session_id), self._key("trimmed", session_id)]
         self._trim(keys=keys, args=[keep_from_pts])
@@ -169,12 +175,12 @@ class RedisStore:
         value = cast(bytes | None, self._redis.get(self._key("epoch", session_id)))
         return 0 if value is None else int(value)
 
-    def save_state(self, session_id: str, data: bytes) -> None:
+    def save_state(self, session_id: str, part: str, data: bytes) -> None:
         keys = [self._key("tok", session_id), self._key("state", session_id)]
-        self._save_state(keys=keys, args=[data])
+        self._save_state(keys=keys, args=[part.encode(), data])
 
-    def state(self, session_id: str) -> bytes | None:
-        return cast(bytes | None, self._redis.get(self._key("state", session_id)))
+    def state(self, session_id: str, part: str) -> bytes | None:
+        return cast(bytes | None, self._redis.hget(self._key("state", session_id), part))
 
 
 _JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord)]

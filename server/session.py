@@ -52,6 +52,7 @@ from ..protocol.messages import (
 )
 from .archive import Archive
 from .output import AudioOutput, OutputFormat
+from .revive import Continuation, save_carry, save_spec, save_turn_start
 from .store import RingFrame, SessionStore
 from .turn_cache import Carries, Replay, TurnCache, first_key, next_key
 
@@ -97,6 +98,7 @@ class OutFrame:
     samples: int = 0
     end_pts: int = 0
     replay: bool = True  # kept in the ring for resume
+    starts: int | None = None  # a turn_start: its turn (a shared store keeps where it began)
 
     @property
     def terminal(self) -> bool:
@@ -161,9 +163,15 @@ class Session:
         on_concluded: Callable[[Session], None],
         on_change: Callable[[], None] = lambda: None,
         cache: TurnCache | None = None,
+        taken_over: tuple[str, str, Continuation] | None = None,
     ) -> None:
+        """`taken_over`: (id, resume token, where it goes on) of a session another gateway ran
+        (server/revive.py); its state is in the store already."""
         self.id = secrets.token_urlsafe(12)
         self.token = secrets.token_urlsafe(24)
+        self.going_on: Continuation | None = None
+        if taken_over is not None:
+            self.id, self.token, self.going_on = taken_over
         self.spec = spec
         self.backend = backend
         self.scheduler = scheduler
@@ -205,7 +213,14 @@ class Session:
         self._first_key = ""
         self._pcm: list[np.ndarray] = []
         self._swap = threading.Lock()  # the replay hands over to the engine vs `stop`
-        store.register(self.id, self.token)
+        if self.going_on is None:
+            store.register(self.id, self.token)
+        else:
+            c = self.going_on
+            self.output.go_on(c.seq, c.pts)
+            self.announced = True  # its client holds the token
+            # What the engine makes again of the turn in progress and drops is not "made".
+            self.counters.made = -c.skip * backend.sample_rate // spec.format.sample_rate
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -214,7 +229,7 @@ class Session:
         self.state = State.OPENING
         self._loop = asyncio.get_running_loop()
         spec = self.spec
-        if self.cache is not None:  # reads files and hashes uploads: off the event loop
+        if self.cache is not None and self.going_on is None:  # files, hashes: off the loop
             try:
                 self._found = await asyncio.to_thread(self._look_up)
             except OSError as e:  # an unreadable cache costs speed, not the session
@@ -257,8 +272,11 @@ class Session:
         if self.spec.format.codec == "opus":
             rate = self.spec.format.sample_rate
             self.archive.begin(self.id, self.output.pre_skip, rate, owner=self.spec.client)
+        if self.store.shared and self.going_on is None:
+            save_spec(self.store, self.id, self.spec)  # another gateway can take it over
         if not self._found:
-            self._runner = self.backend.runner(self.engine_session, self.feed)
+            replayed = self.going_on.carries if self.going_on is not None else ()
+            self._runner = self.backend.runner(self.engine_session, self.feed, replayed)
             self._entry = self.scheduler.add(self._runner, self)
             return
         assert self.cache is not None
@@ -420,6 +438,8 @@ class Session:
             c.sent += frame.samples
             if not c.first_audio_at:
                 c.first_audio_at = time.monotonic()
+        if frame.starts is not None and self.store.shared:
+            save_turn_start(self.store, self.id, frame.starts, frame.end_pts)
         if frame.replay and frame.data is not None:
             self.store.ring_append(
                 self.id, RingFrame(c.next_index, frame.seq, frame.end_pts, frame.data)
@@ -531,8 +551,12 @@ class Session:
             if isinstance(event, TurnStarted):
                 t = event.turn
                 self._pcm = []
-                if t.index >= skip:
-                    self._post(out.turn_start(t.index, t.speaker, t.text))
+                start = out.turn_start(t.index, t.speaker, t.text)
+                c = self.going_on
+                if c is not None and c.started and t.index == c.turn:
+                    out.go_on_in_turn(c.turn_pts, c.skip)  # its start went out before
+                elif t.index >= skip:
+                    self._post(start, starts=t.index)
             elif isinstance(event, TurnAudio):
                 if self.cache is not None:
                     self._pcm.append(event.pcm)
@@ -544,6 +568,8 @@ class Session:
             elif isinstance(event, TurnEnded):
                 if self.cache is not None and event.carry is not None:
                     self._store(event)
+                if self.store.shared and event.carry is not None:
+                    save_carry(self.store, self.id, event.turn, event.carry)
                 if event.turn < skip:
                     self.counters.turns_done += 1
                     continue
@@ -595,10 +621,12 @@ class Session:
             self.archive.write(self.id, msg.packets)
         self._post(msg, msg.samples)
 
-    def _post(self, message: Message, samples: int = 0, replay: bool = True) -> None:
+    def _post(
+        self, message: Message, samples: int = 0, replay: bool = True, starts: int | None = None
+    ) -> None:
         """From the output stage: pack and hand a message to the event loop."""
         seq = message.seq if isinstance(message, Audio) else None
-        frame = OutFrame(message.pack(), seq, samples, self.output.pts, replay)
+        frame = OutFrame(message.pack(), seq, samples, self.output.pts, replay, starts)
         self._on_loop(self._push, frame)
 
     def _push(self, frame: OutFrame) -> None:

@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .content_filter import ContentFilter
 from .metrics import Metrics
 from .output import OutputFormat
+from .revive import continuation, load_spec
 from .session import Outcome, Session, SessionSpec, State
 from .store import SessionStore
 from .turn_cache import TurnCache
@@ -384,6 +385,42 @@ class Sessions:
             stats["wall_ms"],
             stats["queued_ms"],
         )
+
+    async def take_over(self, session_id: str, token: str, last_seq: int) -> Session | None:
+        """A session whose gateway died, resumed on this one (server/revive.py): None if the
+        store is not shared, the token is wrong, or what it needs to go on is not there."""
+        store = self.store
+        if not store.shared or not store.token_matches(session_id, token):
+            return None
+        spec = await asyncio.to_thread(load_spec, store, session_id)
+        going_on = await asyncio.to_thread(continuation, store, session_id, last_seq)
+        if spec is None or going_on is None:
+            return None
+        session = Session(
+            spec,
+            self.backend,
+            self.scheduler,
+            self._output,
+            store,
+            self.archive,
+            self.limits,
+            self.config.send_buffer_ms,
+            on_concluded=self._concluded,
+            on_change=self._changed,
+            cache=self.cache,
+            taken_over=(session_id, token, going_on),
+        )
+        self.sessions[session.id] = session
+        try:
+            await session.open()
+        except ProtocolError as e:
+            self.end(session, e)
+            raise
+        session.start_engine()
+        log.info(
+            "session %s taken over at turn %d, seq %d", session_id, going_on.turn, going_on.seq
+        )
+        return session
 
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)

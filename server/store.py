@@ -25,6 +25,10 @@ class RingFrame:
 
 
 class SessionStore(Protocol):
+    shared: bool
+    """Other processes (gateways) see this store: sessions save what another gateway needs to
+    take them over (server/revive.py)."""
+
     def register(self, session_id: str, resume_token: str) -> None: ...
 
     def token_matches(self, session_id: str, resume_token: str) -> bool: ...
@@ -35,6 +39,9 @@ class SessionStore(Protocol):
 
     def ring_after(self, session_id: str, last_seq: int) -> list[RingFrame] | None:
         """Frames after the audio frame `last_seq` (-1: from the start); None if trimmed away."""
+
+    def ring_last(self, session_id: str) -> RingFrame | None:
+        """The last frame sent (where another gateway goes on from)."""
 
     def ring_trim(self, session_id: str, keep_from_pts: int) -> None:
         """Drop frames that end before `keep_from_pts`."""
@@ -53,10 +60,11 @@ class SessionStore(Protocol):
         """The current fencing epoch (0: never attached, or forgotten). A writer whose epoch
         differs is stale and must stop."""
 
-    def save_state(self, session_id: str, data: bytes) -> None:
-        """Keep the engine's rebuildable state (opaque bytes); dropped for an unknown session."""
+    def save_state(self, session_id: str, part: str, data: bytes) -> None:
+        """Keep one part of the session's rebuildable state (opaque bytes, by name: its start
+        request, each finished turn's carry, ...); dropped for an unknown session."""
 
-    def state(self, session_id: str) -> bytes | None: ...
+    def state(self, session_id: str, part: str) -> bytes | None: ...
 
     def close(self) -> None:
         """The server is stopping: let go of connections."""
@@ -72,6 +80,8 @@ class _Ring:
 class MemoryStore:
     """The in-process default. Thread-safe: the engine threads and the event loop share it."""
 
+    shared = False
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tokens: dict[str, str] = {}
@@ -79,7 +89,7 @@ class MemoryStore:
         self._queue: dict[str, int] = {}
         self._arrival = itertools.count()
         self._epochs: dict[str, int] = {}
-        self._states: dict[str, bytes] = {}
+        self._states: dict[str, dict[str, bytes]] = {}
 
     def register(self, session_id: str, resume_token: str) -> None:
         # A session starts afresh: an empty ring and no engine state. The epoch stays, so that a
@@ -126,6 +136,11 @@ class MemoryStore:
         # last_seq is not in the ring: it is either the last trimmed frame or not sent yet.
         return frames if last_seq == ring.trimmed_seq else None
 
+    def ring_last(self, session_id: str) -> RingFrame | None:
+        with self._lock:
+            ring = self._rings.get(session_id)
+            return ring.frames[-1] if ring and ring.frames else None
+
     def ring_trim(self, session_id: str, keep_from_pts: int) -> None:
         with self._lock:
             ring = self._rings.get(session_id)
@@ -160,15 +175,15 @@ class MemoryStore:
         with self._lock:
             return self._epochs.get(session_id, 0)
 
-    def save_state(self, session_id: str, data: bytes) -> None:
+    def save_state(self, session_id: str, part: str, data: bytes) -> None:
         # Like ring_append: a late engine thread must not bring back a forgotten session.
         with self._lock:
             if session_id in self._tokens:
-                self._states[session_id] = data
+                self._states.setdefault(session_id, {})[part] = data
 
-    def state(self, session_id: str) -> bytes | None:
+    def state(self, session_id: str, part: str) -> bytes | None:
         with self._lock:
-            return self._states.get(session_id)
+            return self._states.get(session_id, {}).get(part)
 
 
 @dataclass

@@ -93,6 +93,9 @@ def test_ring_after_returns_what_followed_the_seq(store: SessionStore) -> None:
     assert seqs(store.ring_after("s", -1))[:2] == [0, 1]
     assert store.ring_after("s", 9) == []
     assert store.ring_after("s", 42) is None  # never sent
+    last = store.ring_last("s")
+    assert last is not None and last.seq == 9
+    assert store.ring_last("unknown") is None
 
 
 def test_ring_frames_round_trip_exactly(store: SessionStore) -> None:
@@ -176,25 +179,25 @@ def test_trim_never_loses_a_frame_appended_meanwhile(store: SessionStore) -> Non
 def test_register_starts_the_session_afresh_but_keeps_its_epoch(store: SessionStore) -> None:
     filled(store)
     store.ring_trim("s", keep_from_pts=4 * 960 + 1)
-    store.save_state("s", b"engine")
+    store.save_state("s", "engine", b"engine")
     epoch = store.attach("s")
     store.register("s", "new")
     assert store.ring_after("s", -1) == []  # no frames, nothing trimmed
-    assert store.state("s") is None
+    assert store.state("s", "engine") is None
     assert store.token_matches("s", "new") and not store.token_matches("s", "tok")
     assert store.epoch("s") == epoch
 
 
 def test_unknown_and_forgotten_sessions_keep_nothing(store: SessionStore) -> None:
     store.ring_append("x", RingFrame(0, 0, 960, b"a"))
-    store.save_state("x", b"state")
-    assert store.ring_after("x", -1) is None and store.state("x") is None
+    store.save_state("x", "engine", b"state")
+    assert store.ring_after("x", -1) is None and store.state("x", "engine") is None
     filled(store)
     store.forget("s")
     # A late engine thread writing after the session ended must not bring it back.
     store.ring_append("s", RingFrame(10, 10, 11 * 960, b"late"))
-    store.save_state("s", b"late")
-    assert store.ring_after("s", -1) is None and store.state("s") is None
+    store.save_state("s", "engine", b"late")
+    assert store.ring_after("s", -1) is None and store.state("s", "engine") is None
 
 
 # -- fencing epoch -----------------------------------------------------------------------------
@@ -243,23 +246,34 @@ def test_concurrent_attaches_get_distinct_epochs(store: SessionStore) -> None:
 
 def test_state_round_trips_and_is_replaced(store: SessionStore) -> None:
     store.register("s", "tok")
-    assert store.state("s") is None
+    assert store.state("s", "engine") is None
     blob = bytes(range(256)) * 40
-    store.save_state("s", blob)
-    assert store.state("s") == blob
-    store.save_state("s", b"")
-    assert store.state("s") == b""  # empty, not missing
-    assert store.state("t") is None
+    store.save_state("s", "engine", blob)
+    assert store.state("s", "engine") == blob
+    store.save_state("s", "engine", b"")
+    assert store.state("s", "engine") == b""  # empty, not missing
+    assert store.state("t", "engine") is None
+
+
+def test_state_parts_are_kept_apart(store: SessionStore) -> None:
+    store.register("s", "tok")
+    store.save_state("s", "spec", b"the start request")
+    store.save_state("s", "carry:0", b"turn 0")
+    store.save_state("s", "carry:1", b"turn 1")
+    assert store.state("s", "spec") == b"the start request"
+    assert [store.state("s", f"carry:{k}") for k in range(3)] == [b"turn 0", b"turn 1", None]
+    store.forget("s")
+    assert store.state("s", "spec") is None and store.state("s", "carry:0") is None
 
 
 def test_forget_drops_the_state(store: SessionStore) -> None:
     store.register("s", "tok")
     store.register("t", "tok")
-    store.save_state("s", b"one")
-    store.save_state("t", b"two")
+    store.save_state("s", "engine", b"one")
+    store.save_state("t", "engine", b"two")
     store.forget("s")
-    assert store.state("s") is None
-    assert store.state("t") == b"two"
+    assert store.state("s", "engine") is None
+    assert store.state("t", "engine") == b"two"
 
 
 # -- admission queue ---------------------------------------------------------------------------
@@ -330,11 +344,11 @@ def test_two_redis_stores_share_a_session(redis_stores: Callable[[str], RedisSto
     prefix = fresh_prefix()
     a, b = redis_stores(prefix), redis_stores(prefix)
     filled(a)
-    a.save_state("s", b"engine")
+    a.save_state("s", "engine", b"engine")
     old = a.attach("s")
     assert b.token_matches("s", "tok")
     assert seqs(b.ring_after("s", 8)) == [9]
-    assert b.state("s") == b"engine"
+    assert b.state("s", "engine") == b"engine"
     assert b.attach("s") == old + 1  # the resuming gateway fences the old writer out
     assert a.epoch("s") != old
     other = redis_stores(fresh_prefix())  # another deployment on the same Redis
