@@ -72,6 +72,19 @@ class SynthesisParams:
     """Benchmarks (VibeVoice): every turn is exactly this many frames; other backends ignore it."""
 
 
+def check_steps(params: SynthesisParams, steps: int) -> None:
+    """`options.steps` must be the engine's: every session shares one batched step."""
+    from ..protocol.messages import Code, ProtocolError
+
+    if params.steps is not None and params.steps != steps:
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            f"options.steps is {params.steps}, but this server runs every session with "
+            f"{steps} diffusion steps (they share one batch); leave it out or send {steps}.",
+            field="options.steps",
+        )
+
+
 class Backend(Protocol):
     # Read-only members, so a backend may declare narrower types (a 1-tuple of modes).
     @property

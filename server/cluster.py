@@ -155,6 +155,13 @@ def application(config: ServerConfig, engines: int, gateways: int) -> Any:
     settings = dataclasses.asdict(config)
     # (Serve's decorators make deployments of the classes; mypy sees the classes.)
     gpus = {"num_gpus": 1} if config.device == "cuda" else {}  # one GPU per engine replica
-    engine = cast(Any, Engine).options(num_replicas=engines, ray_actor_options=gpus).bind(settings)
-    gateway = cast(Any, Gateway).options(num_replicas=gateways)
-    return gateway.bind(settings, engine, engines / gateways)
+    # Scaling down: an engine's sessions go on on the others (exact), so it may stop soon; a
+    # gateway holds its clients' sockets, so it drains: it stops taking sessions and waits up
+    # to the longest a session can last for the ones it has.
+    engine = cast(Any, Engine).options(
+        num_replicas=engines, ray_actor_options=gpus, graceful_shutdown_timeout_s=10
+    )
+    gateway = cast(Any, Gateway).options(
+        num_replicas=gateways, graceful_shutdown_timeout_s=config.limits.max_audio_s + 60
+    )
+    return gateway.bind(settings, engine.bind(settings), engines / gateways)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..engine.backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice
+from ..engine.backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice, check_steps
 from ..engine.pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
 from ..engine.scheduler import Events
 from ..engine.wire import RemoteError, StreamRequest, unpack_events
@@ -255,13 +255,8 @@ class RemoteBackend:
                 f"{', '.join(repr(m) for m in self.modes)}.",
                 field="options.mode",
             )
-        if params.steps is not None and self._steps is not None and params.steps != self._steps:
-            raise ProtocolError(
-                Code.BAD_FIELD,
-                f"options.steps is {params.steps}, but the engines run every session with "
-                f"{self._steps} diffusion steps; leave it out or send {self._steps}.",
-                field="options.steps",
-            )
+        if self._steps is not None:
+            check_steps(params, self._steps)
 
     def open_session(self, speakers: list[SpeakerVoice], params: SynthesisParams) -> RemoteSession:
         return RemoteSession(speakers, params)

@@ -27,12 +27,14 @@ from .config import ServerConfig
 from .content_filter import ContentFilter
 from .metrics import Metrics
 from .output import OutputFormat
-from .revive import continuation, load_spec
+from .revive import Continuation, continuation, load_spec
 from .session import Outcome, Session, SessionSpec, State
 from .store import SessionStore
 from .turn_cache import TurnCache
 
 log = logging.getLogger("vibecast.sessions")
+
+QUEUE_POLL_S = 0.25
 
 
 class Sessions:
@@ -215,7 +217,10 @@ class Sessions:
 
     # -- admission -------------------------------------------------------------------------------
 
-    def create(self, spec: SessionSpec) -> Session:
+    def create(
+        self, spec: SessionSpec, taken_over: tuple[str, str, Continuation] | None = None
+    ) -> Session:
+        """A session of this server; `taken_over`: one another gateway ran (server/revive.py)."""
         session = Session(
             spec,
             self.backend,
@@ -228,6 +233,7 @@ class Sessions:
             on_concluded=self._concluded,
             on_change=self._changed,
             cache=self.cache,
+            taken_over=taken_over,
         )
         self.sessions[session.id] = session
         self._changed()
@@ -260,7 +266,7 @@ class Sessions:
                     if position != reported:
                         reported = position
                         await on_position(position, self._eta(position))
-                    await self._queue_changed.wait()
+                    await self._queue_wait()
                 if session.state is State.QUEUED:
                     self.running.add(session.id)
         finally:
@@ -282,7 +288,19 @@ class Sessions:
                 len(self.store.queue()) >= self.config.max_queue
                 and len(self.running) >= self.capacity
             ):
-                await self._queue_changed.wait()
+                await self._queue_wait()
+
+    async def _queue_wait(self) -> None:
+        """Until the queue may have moved. A shared queue (a cluster's gateways) also moves
+        when another gateway admits or ends a session, which no event here tells: look again
+        every QUEUE_POLL_S."""
+        if not self.store.shared:
+            await self._queue_changed.wait()
+            return
+        try:
+            await asyncio.wait_for(self._queue_changed.wait(), QUEUE_POLL_S)
+        except TimeoutError:
+            pass
 
     async def _notify(self) -> None:
         async with self._queue_changed:
@@ -396,21 +414,7 @@ class Sessions:
         going_on = await asyncio.to_thread(continuation, store, session_id, last_seq)
         if spec is None or going_on is None:
             return None
-        session = Session(
-            spec,
-            self.backend,
-            self.scheduler,
-            self._output,
-            store,
-            self.archive,
-            self.limits,
-            self.config.send_buffer_ms,
-            on_concluded=self._concluded,
-            on_change=self._changed,
-            cache=self.cache,
-            taken_over=(session_id, token, going_on),
-        )
-        self.sessions[session.id] = session
+        session = self.create(spec, (session_id, token, going_on))
         try:
             await session.open()
         except ProtocolError as e:

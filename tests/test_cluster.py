@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -86,12 +88,13 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_url: str, tmp_path_factory) -> Iterator[Cluster]:
+def cluster(redis_url: str) -> Iterator[Cluster]:
+    folder = tempfile.mkdtemp(prefix="vc-ray-", dir="/tmp")  # Ray's socket paths stay short
     ray.init(
         num_cpus=8,  # logical: the replicas mostly wait; the machine has 2 cores
         include_dashboard=False,
         log_to_driver=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        _temp_dir=folder,
     )
     try:
         port = free_port()
@@ -102,6 +105,7 @@ def cluster(redis_url: str, tmp_path_factory) -> Iterator[Cluster]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def take(url: str, seed: int, started: asyncio.Event | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ...protocol.messages import Code, ProtocolError
-from ..backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice
+from ..backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice, check_steps
 from ..pipeline import PipelineEvent, TurnAudio, TurnEnded, TurnFeed, TurnStarted
 from ..resample import resample
 from ..scheduler import HEADROOM, Events, Runner
@@ -370,6 +370,11 @@ class VibeVoiceBackend:
                 raise ValueError(f"--voices {voices}: no .wav, .ogg or .opus files in it")
         return VibeVoiceBackend(rt, rt.name, catalogue, slots, window, steps)
 
+    @property
+    def steps(self) -> int:
+        """Diffusion steps of every session (they share one batched step)."""
+        return self.engine.steps
+
     def voices(self) -> list[Voice]:
         return [
             Voice(name, name, f"voice prompt from {name} ({len(a) / SAMPLE_RATE:.1f} s)")
@@ -385,14 +390,7 @@ class VibeVoiceBackend:
                 "'continuous' is `vibecast synth`'s whole-script window.",
                 field="options.mode",
             )
-        steps = self.engine.steps
-        if params.steps is not None and params.steps != steps:
-            raise ProtocolError(
-                Code.BAD_FIELD,
-                f"options.steps is {params.steps}, but this server runs every session with "
-                f"{steps} diffusion steps (they share one batch); leave it out or send {steps}.",
-                field="options.steps",
-            )
+        check_steps(params, self.engine.steps)
 
     def open_session(self, speakers: list[SpeakerVoice], params: SynthesisParams) -> int:
         """A slot of the engine with the session's voice prefix in it."""
