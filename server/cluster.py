@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.metrics import Gauge
 
 from ..engine.serving import EngineService
 from .config import ServerConfig
@@ -92,6 +94,38 @@ class RayLink:
         self._redis.delete(_key("alive", stream), _key("ack", stream))
 
 
+EXPORT_S = 1.0  # how often replicas refresh the gauges Ray exports
+
+
+def export(gauges: dict[str, str], read: Callable[[], dict[str, float]]) -> None:
+    """Publish `read()` as Ray Serve gauges every EXPORT_S, from a thread of this replica: Ray
+    exports every replica's, tagged with its deployment and replica, on each node's metrics
+    port (`ray start --metrics-export-port`), one Prometheus view of the cluster."""
+    made = {name: Gauge(f"vibecast_{name}", description=text) for name, text in gauges.items()}
+
+    def loop() -> None:
+        while True:
+            for name, value in read().items():
+                if name in made:
+                    made[name].set(value)
+            time.sleep(EXPORT_S)
+
+    threading.Thread(target=loop, name="vibecast-metrics", daemon=True).start()
+
+
+ENGINE_GAUGES = {
+    "engine_streams": "Sessions this engine replica is generating",
+    "engine_audio_seconds": "Audio this engine replica has made",
+    "engine_frames": "Frames this engine replica has made (VibeVoice)",
+    "context_rebuilds": "Context windows rebuilt at turn boundaries (VibeVoice)",
+}
+GATEWAY_GAUGES = {
+    "gateway_sessions_active": "Sessions this gateway holds, admitted and not ended",
+    "gateway_sessions_queued": "Sessions waiting for capacity, every gateway's (one queue)",
+    "turn_cache_hits": "Turns this gateway replayed from the turn cache",
+}
+
+
 @serve.deployment(name="Engine")
 class Engine:
     """One replica per GPU (or per CPU slice in tests): many sessions, one engine loop."""
@@ -105,6 +139,11 @@ class Engine:
         assert config.store_url is not None
         self.service = EngineService(backend, RedisLiveness(config.store_url))
         redis.Redis.from_url(config.store_url).sadd(f"{PREFIX}engines", os.getpid())
+        service = self.service
+        export(
+            ENGINE_GAUGES,
+            lambda: {**service.backend.counters(), "engine_streams": len(service.streams)},
+        )
 
     async def describe(self) -> dict[str, Any]:
         return self.service.describe()
@@ -138,7 +177,22 @@ class Gateway:
         url = self.config.store_url
         assert url is not None
         link = RayLink(self.engines, url)
-        return create_app(self.config, lambda: RemoteBackend(link, self.share))
+        app = create_app(self.config, lambda: RemoteBackend(link, self.share))
+        state = app.state.vibecast
+
+        def read() -> dict[str, float]:
+            hub = state.sessions
+            if hub is None:  # still starting
+                return {}
+            cache = hub.cache.counters() if hub.cache is not None else {}
+            return {
+                "gateway_sessions_active": hub.active_count(),
+                "gateway_sessions_queued": len(hub.store.queue()),
+                "turn_cache_hits": cache.get("hits", 0),
+            }
+
+        export(GATEWAY_GAUGES, read)
+        return app
 
 
 def _config(settings: dict[str, Any]) -> ServerConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,8 +47,9 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, url: str, port: int) -> None:
+    def __init__(self, url: str, port: int, metrics_port: int) -> None:
         self.redis = redis.Redis.from_url(url)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.ws_url = f"ws://127.0.0.1:{port}/v1/stream"
         self.http_url = f"http://127.0.0.1:{port}"
 
@@ -90,18 +92,21 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster(redis_url: str) -> Iterator[Cluster]:
     folder = tempfile.mkdtemp(prefix="vc-ray-", dir="/tmp")  # Ray's socket paths stay short
+    metrics_port = free_port()
+    os.environ["RAY_metrics_report_interval_ms"] = "500"  # the replicas' gauges, soon
     ray.init(
         num_cpus=8,  # logical: the replicas mostly wait; the machine has 2 cores
         include_dashboard=False,
         log_to_driver=False,
         _temp_dir=folder,
+        _metrics_export_port=metrics_port,
     )
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServerConfig(store_url=redis_url, turn_cache=False, resume_grace_s=30)
         serve.run(application(config, engines=2, gateways=2), name=APP, route_prefix="/")
-        yield Cluster(redis_url, port)
+        yield Cluster(redis_url, port, metrics_port)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -140,6 +145,40 @@ def test_sessions_spread_over_the_engines(cluster: Cluster) -> None:
     assert all(r["done"].turns == len(SCRIPT) for r in results)
     served = {pid: cluster.served(pid) - before[pid] for pid in engines}
     assert sum(served.values()) == SESSIONS and min(served.values()) >= 1, served
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """A Prometheus text's samples of `name`, by their replica label."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            replica = re.search(r'replica="([^"]+)"', line)
+            assert replica, line
+            out[replica.group(1)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_one_metrics_view_across_replicas(cluster: Cluster) -> None:
+    """Ray exports every replica's gauges on the node's metrics port: both engines and both
+    gateways, each under its own replica label, in one scrape."""
+    asyncio.run(take(cluster.ws_url, 500))
+
+    def scrape() -> str:
+        with urllib.request.urlopen(cluster.metrics_url, timeout=5) as r:
+            return r.read().decode()
+
+    def complete() -> bool:
+        text = scrape()
+        made = samples(text, "ray_vibecast_engine_audio_seconds")
+        return (
+            len(made) == 2
+            and sum(made.values()) > 0
+            and len(samples(text, "ray_vibecast_gateway_sessions_active")) == 2
+        )
+
+    wait_until(complete, 30.0)
+    text = scrape()
+    assert len(samples(text, "ray_vibecast_engine_streams")) == 2
 
 
 def test_an_engine_killed_mid_session_loses_no_audio(cluster: Cluster) -> None:
