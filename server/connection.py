@@ -295,6 +295,10 @@ class Connection:
             if session.epoch != self._epoch:  # a newer connection took the session over
                 session.requeue(frame)
                 break
+            if session.fenced_out():  # another gateway took it over: it is that one's now
+                self.hub.let_go(session)
+                await self.close(CLOSE_TAKEN_OVER)
+                raise _Closed
             data = session.terminal_message().pack() if frame.data is None else frame.data
             if frame.seq is not None:
                 session.counters.last_sent_seq = frame.seq

@@ -36,11 +36,14 @@ _FRAME = struct.Struct(">qBqq")
 # Every per-session key: `forget` drops them all.
 _SESSION_KINDS = ("tok", "ring", "trimmed", "epoch", "state")
 
-# Append only to a registered session: a late writer must not bring back a forgotten ring.
+# Append only to a registered session (a late writer must not bring back a forgotten ring),
+# and only for the writer that holds its epoch (ARGV[3]; 0: unfenced), in one step.
 _APPEND = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 1 end
+local fence = tonumber(ARGV[3])
+if fence ~= 0 and tonumber(redis.call('GET', KEYS[3]) or '0') ~= fence then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+return 1
 """
 
 # Drop frames from the front while they end before ARGV[1], remembering the last audio seq. One
@@ -127,9 +130,13 @@ class RedisStore:
         pipe.zrem(self._queue, session_id)
         pipe.execute()
 
-    def ring_append(self, session_id: str, frame: RingFrame) -> None:
-        keys = [self._key("tok", session_id), self._key("ring", session_id)]
-        self._append(keys=keys, args=[frame.index, _pack(frame)])
+    def ring_append(self, session_id: str, frame: RingFrame, fence: int = 0) -> bool:
+        keys = [
+            self._key("tok", session_id),
+            self._key("ring", session_id),
+            self._key("epoch", session_id),
+        ]
+        return bool(self._append(keys=keys, args=[frame.index, _pack(frame), fence]))
 
     def ring_after(self, session_id: str, last_seq: int) -> list[RingFrame] | None:
         # One transaction: the token, the trim mark and the frames as of the same moment.

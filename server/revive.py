@@ -38,6 +38,8 @@ class Continuation:
     skip: int  # its samples already sent (whole frames, at the output rate)
     seq: int  # the next audio seq
     pts: int  # samples of the session sent so far
+    index: int  # the next frame's place in the ring
+    fence: int  # the epoch this gateway took the session over with
 
 
 def save_spec(store: SessionStore, session_id: str, spec: SessionSpec) -> None:
@@ -97,7 +99,9 @@ def save_turn_start(store: SessionStore, session_id: str, turn: int, pts: int) -
 
 def continuation(store: SessionStore, session_id: str, last_seq: int) -> Continuation | None:
     """Where the session goes on, from what its dead gateway left; None if it cannot (it had
-    ended, or a turn's carry is missing)."""
+    ended, or a turn's carry is missing). Takes the session's fencing epoch first, so that its
+    old gateway, if it is alive after all, can add nothing to the ring after this reads it."""
+    fence = store.attach(session_id)
     frames = store.ring_after(session_id, last_seq)
     last = store.ring_last(session_id)
     if frames is None:
@@ -130,4 +134,5 @@ def continuation(store: SessionStore, session_id: str, last_seq: int) -> Continu
         if raw is None:
             return None
         carries.append(unpack_carry(raw))
-    return Continuation(carries, turn, started, turn_pts, skip, seq, pts)
+    index = last.index + 1 if last is not None else 0
+    return Continuation(carries, turn, started, turn_pts, skip, seq, pts, index, fence)

@@ -213,11 +213,17 @@ class Session:
         self._first_key = ""
         self._pcm: list[np.ndarray] = []
         self._swap = threading.Lock()  # the replay hands over to the engine vs `stop`
+        # Fencing (a shared store): the epoch this gateway holds the session under; another
+        # gateway that takes the session over bumps it, and this one then stops writing.
+        self.fence = 0
+        self._fenced = False
         if self.going_on is None:
             store.register(self.id, self.token)
         else:
             c = self.going_on
             self.output.go_on(c.seq, c.pts)
+            self.fence = c.fence  # taken before the store was read for where to go on
+            self.counters.next_index = c.index
             self.announced = True  # its client holds the token
             # What the engine makes again of the turn in progress and drops is not "made".
             self.counters.made = -c.skip * backend.sample_rate // spec.format.sample_rate
@@ -273,6 +279,7 @@ class Session:
             rate = self.spec.format.sample_rate
             self.archive.begin(self.id, self.output.pre_skip, rate, owner=self.spec.client)
         if self.store.shared and self.going_on is None:
+            self.fence = self.store.attach(self.id)
             save_spec(self.store, self.id, self.spec)  # another gateway can take it over
         if not self._found:
             replayed = self.going_on.carries if self.going_on is not None else ()
@@ -430,6 +437,11 @@ class Session:
             stats=self.stats(),
         )
 
+    def fenced_out(self) -> bool:
+        """Another gateway took this session over (a shared store): it refused this one's last
+        frame (the ring keeps only the fence holder's), and this one stops writing for it."""
+        return self._fenced
+
     def sent(self, frame: OutFrame) -> None:
         """The writer took `frame`; account for it and keep it for resume."""
         c = self.counters
@@ -438,12 +450,15 @@ class Session:
             c.sent += frame.samples
             if not c.first_audio_at:
                 c.first_audio_at = time.monotonic()
-        if frame.starts is not None and self.store.shared:
-            save_turn_start(self.store, self.id, frame.starts, frame.end_pts)
         if frame.replay and frame.data is not None:
-            self.store.ring_append(
-                self.id, RingFrame(c.next_index, frame.seq, frame.end_pts, frame.data)
+            kept = self.store.ring_append(
+                self.id, RingFrame(c.next_index, frame.seq, frame.end_pts, frame.data), self.fence
             )
+            if not kept:  # another gateway took the session over: it writes from now on
+                self._fenced = True
+                return
+            if frame.starts is not None and self.store.shared:
+                save_turn_start(self.store, self.id, frame.starts, frame.end_pts)
             c.next_index += 1
             keep_ms = self.limits.max_lead_ms + self.send_buffer_ms
             self.store.ring_trim(

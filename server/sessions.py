@@ -354,6 +354,18 @@ class Sessions:
             session.delivered = True
             self.end(session)
 
+    def let_go(self, session: Session) -> None:
+        """Another gateway took the session over (its fencing epoch moved on): stop it here and
+        free what it holds here, but leave its state in the store to the new owner."""
+        if session.id not in self.sessions:
+            return
+        log.info("session %s was taken over by another gateway; letting it go", session.id)
+        session.stop()
+        self._release(session)
+        del self.sessions[session.id]
+        self.metrics.detached.set(self.detached_count())
+        self._changed()
+
     def end(self, session: Session, refused: ProtocolError | None = None) -> None:
         """The one end of every session: its terminal message was delivered (`delivered`), it
         was refused before it started (`refused`), or nobody came back for it. Records the
@@ -369,7 +381,10 @@ class Sessions:
         session.stop()
         self._release(session)
         del self.sessions[session.id]
-        self.store.forget(session.id)
+        # With a shared store, only the gateway holding the session's epoch clears its state
+        # (another may have taken it over meanwhile).
+        if not self.store.shared or self.store.epoch(session.id) == session.fence:
+            self.store.forget(session.id)
         self.archive.finish(session.id, None)
         self._account(session)
         self.metrics.detached.set(self.detached_count())

@@ -35,7 +35,9 @@ class SessionStore(Protocol):
 
     def forget(self, session_id: str) -> None: ...
 
-    def ring_append(self, session_id: str, frame: RingFrame) -> None: ...
+    def ring_append(self, session_id: str, frame: RingFrame, fence: int = 0) -> bool:
+        """Keep a sent frame. `fence`: the epoch the writer holds the session under (0: none);
+        False, and nothing kept, when another writer has attached since (in one step)."""
 
     def ring_after(self, session_id: str, last_seq: int) -> list[RingFrame] | None:
         """Frames after the audio frame `last_seq` (-1: from the start); None if trimmed away."""
@@ -114,13 +116,16 @@ class MemoryStore:
             self._epochs.pop(session_id, None)  # epoch 0: every writer left is stale
             self._states.pop(session_id, None)
 
-    def ring_append(self, session_id: str, frame: RingFrame) -> None:
+    def ring_append(self, session_id: str, frame: RingFrame, fence: int = 0) -> bool:
         with self._lock:
+            if fence and self._epochs.get(session_id, 0) != fence:
+                return False
             ring = self._rings.get(session_id)
             if ring is not None:
                 if not ring.frames:
                     ring.first_index = frame.index
                 ring.frames.append(frame)
+            return True
 
     def ring_after(self, session_id: str, last_seq: int) -> list[RingFrame] | None:
         with self._lock:

@@ -468,3 +468,14 @@ def test_jobs_outlive_the_store_object(open_jobs: Callable[[], JobStore]) -> Non
     got = again.get("x")
     assert got is not None and got.status == "running"
     assert [j.id for j in again.owned_by("alice")] == ["x"]
+
+
+def test_a_fenced_writer_cannot_append_after_a_takeover(store: SessionStore) -> None:
+    store.register("s", "tok")
+    mine = store.attach("s")
+    assert store.ring_append("s", RingFrame(0, 0, 960, b"a"), mine)
+    newer = store.attach("s")  # another gateway takes the session over
+    assert not store.ring_append("s", RingFrame(1, 1, 1920, b"stale"), mine)
+    assert store.ring_append("s", RingFrame(1, 1, 1920, b"b"), newer)
+    assert [f.data for f in store.ring_after("s", -1) or []] == [b"a", b"b"]
+    assert store.ring_append("s", RingFrame(2, 2, 2880, b"c"))  # unfenced: kept

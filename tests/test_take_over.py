@@ -62,3 +62,36 @@ def test_a_session_goes_on_on_another_server(piper, redis_url) -> None:
     assert len(got) == len(ref)
     corr = float(np.dot(got, ref) / (np.linalg.norm(got) * np.linalg.norm(ref)))
     assert corr > 0.95, corr
+
+
+def test_a_takeover_fences_out_a_gateway_that_is_still_alive(piper, redis_url) -> None:
+    """The session's first server is alive (a partition, a slow socket): once another server
+    takes the session over, the first stops writing it (its socket closes with 4001) and the
+    ring holds only the new owner's frames, so the take-over's audio is still whole."""
+    settings = {"store_url": redis_url, "resume_grace_s": 60}
+    with running_server(piper, **settings) as first, running_server(piper, **settings) as second:
+
+        async def both() -> tuple[list, int | None]:
+            old = await Client.connect(first.ws_url)
+            # Long enough that the first server cannot have sent all of it into the socket.
+            ready = await old.start(speakers_of(4), turns_of() * 3, options={"seed": SEED})
+            msgs: list = []
+            while sum(isinstance(m, Audio) for m in msgs) < 30:
+                msgs.append(await old.recv())
+            last_seq = max(m.seq for m in msgs if isinstance(m, Audio))
+            end = max(i for i, m in enumerate(msgs) if isinstance(m, Audio))
+            del msgs[end + 1 :]
+            new = await Client.connect(second.ws_url)
+            await new.resume(ready.session_id, ready.resume_token, last_seq)
+            msgs += [m async for m in new]
+            async for _ in old:  # what the old server still had on its way, then its close
+                pass
+            return msgs, old.close_code
+
+        msgs, old_close = asyncio.run(both())
+        assert old_close == 4001
+        assert not first.state.sessions.sessions  # let go, not ended: its state is the new one's
+    audio = [m for m in msgs if isinstance(m, Audio)]
+    assert [a.seq for a in audio] == list(range(len(audio)))
+    assert [m.turn for m in msgs if isinstance(m, TurnEnd)] == list(range(24))
+    assert sum(isinstance(m, Done) for m in msgs) == 1
