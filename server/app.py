@@ -157,6 +157,7 @@ def create_app(
                 session.stop()
             # Let the engine loop finish its current unit before the event loop goes away.
             await asyncio.to_thread(lambda: [s.join(10) for s in sessions])
+            state.sessions.close()
             await asyncio.to_thread(state.sessions.scheduler.close)
             state.archive.close()
             state.store.close()

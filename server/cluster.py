@@ -163,10 +163,10 @@ class Gateway:
     """This server's app (WebSocket protocol, HTTP API, admission, resume) with the engines'
     model behind a RemoteBackend."""
 
-    def __init__(self, settings: dict[str, Any], engines: DeploymentHandle, share: float) -> None:
+    def __init__(self, settings: dict[str, Any], engines: DeploymentHandle, count: int) -> None:
         self.config = _config(settings)
         self.engines = engines
-        self.share = share  # engine replicas per gateway: this gateway's part of the capacity
+        self.count = count  # engine replicas: the capacity every gateway admits against
         assert self.config.store_url is not None
         redis.Redis.from_url(self.config.store_url).sadd(f"{PREFIX}gateways", os.getpid())
 
@@ -177,7 +177,7 @@ class Gateway:
         url = self.config.store_url
         assert url is not None
         link = RayLink(self.engines, url)
-        app = create_app(self.config, lambda: RemoteBackend(link, self.share))
+        app = create_app(self.config, lambda: RemoteBackend(link, self.count))
         state = app.state.vibecast
 
         def read() -> dict[str, float]:
@@ -218,4 +218,4 @@ def application(config: ServerConfig, engines: int, gateways: int) -> Any:
     gateway = cast(Any, Gateway).options(
         num_replicas=gateways, graceful_shutdown_timeout_s=config.limits.max_audio_s + 60
     )
-    return gateway.bind(settings, engine.bind(settings), engines / gateways)
+    return gateway.bind(settings, engine.bind(settings), engines)

@@ -28,7 +28,7 @@ import redis
 from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
-from .store import JobRecord, RingFrame
+from .store import RUNNING_TTL_S, JobRecord, RingFrame
 
 # index, has_seq, seq, end_pts; the ring_trim script reads the same header with Lua's struct.
 _FRAME = struct.Struct(">qBqq")
@@ -58,6 +58,31 @@ while true do
     redis.call('ZREM', KEYS[1], head)
     if has_seq == 1 then redis.call('SET', KEYS[2], string.format('%d', seq)) end
 end
+"""
+
+# Admission across gateways, in one step: drop running entries nobody renewed, then move the
+# session from the queue to the running set if it is first and there is room. Redis' clock.
+_ADMIT = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t)
+if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then return 0 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], t + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+_KEEP = """
+local now = redis.call('TIME')
+local until_ = tonumber(now[1]) + tonumber(now[2]) / 1e6 + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], until_, ARGV[i]) end
+"""
+
+_RUNNING = """
+local now = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now[1]) + tonumber(now[2]) / 1e6)
+return redis.call('ZCARD', KEYS[1])
 """
 
 # A session already waiting keeps its place.
@@ -101,6 +126,10 @@ class RedisStore:
         self._trim = self._redis.register_script(_TRIM)
         self._enqueue = self._redis.register_script(_ENQUEUE)
         self._save_state = self._redis.register_script(_SAVE_STATE)
+        self._running = prefix + "running"
+        self._admit = self._redis.register_script(_ADMIT)
+        self._keep = self._redis.register_script(_KEEP)
+        self._count = self._redis.register_script(_RUNNING)
 
     def _key(self, kind: str, session_id: str) -> str:
         return f"{self._prefix}{kind}:{{{session_id}}}"
@@ -128,6 +157,7 @@ class RedisStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(*(self._key(kind, session_id) for kind in _SESSION_KINDS))
         pipe.zrem(self._queue, session_id)
+        pipe.zrem(self._running, session_id)
         pipe.execute()
 
     def ring_append(self, session_id: str, frame: RingFrame, fence: int = 0) -> bool:
@@ -164,6 +194,20 @@ class RedisStore:
     def ring_trim(self, session_id: str, keep_from_pts: int) -> None:
         keys = [self._key("ring", session_id), self._key("trimmed", session_id)]
         self._trim(keys=keys, args=[keep_from_pts])
+
+    def admit(self, session_id: str, capacity: int) -> bool:
+        keys = [self._queue, self._running]
+        return bool(self._admit(keys=keys, args=[session_id, capacity, RUNNING_TTL_S]))
+
+    def keep_running(self, session_ids: list[str]) -> None:
+        if session_ids:
+            self._keep(keys=[self._running], args=[RUNNING_TTL_S, *session_ids])
+
+    def release(self, session_id: str) -> None:
+        self._redis.zrem(self._running, session_id)
+
+    def running(self) -> int:
+        return int(cast(int, self._count(keys=[self._running])))
 
     def enqueue(self, session_id: str) -> None:
         self._enqueue(keys=[self._queue, self._arrival], args=[session_id])

@@ -227,15 +227,16 @@ class RemoteRunner:
 class RemoteBackend:
     """The Backend interface (engine/backend.py) of engines reached over `link`."""
 
-    def __init__(self, link: EngineLink, share: float = 1.0) -> None:
-        """`share`: engine replicas per gateway, the part of their capacity this one admits."""
+    def __init__(self, link: EngineLink, engines: int = 1) -> None:
+        """`engines`: how many replicas there are; the capacity is theirs together (gateways
+        admit against it through the shared store's one queue and running count)."""
         self.link = link
         info = link.describe()
         self.name: str = info["name"]
         self.sample_rate: int = info["sample_rate"]
         self.modes: tuple[str, ...] = tuple(info["modes"])
         self._voices = [Voice(*v) for v in info["voices"]]
-        self._capacity = max(1, int(info["capacity"] * share))
+        self._capacity = max(1, int(info["capacity"]) * engines)
         self._per_char: float = info["seconds_per_char"]
         self._fingerprint: str = info["fingerprint"]
         self._steps: int | None = info.get("steps")

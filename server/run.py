@@ -87,6 +87,10 @@ def uvicorn_config(
         host=config.host,
         port=config.port,
         ws="websockets-sansio",
+        # The same event loop and HTTP parser whatever else is installed (Ray's extras bring
+        # uvloop and httptools, which uvicorn would otherwise pick): tested behaviour only.
+        loop="asyncio",
+        http="h11",
         # Frames up to twice the limit reach the app, which answers with a readable `too_big`
         # error; anything larger is cut off by the WebSocket layer with close code 1009.
         ws_max_size=2 * config.limits.max_frame_bytes,

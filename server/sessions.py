@@ -35,6 +35,7 @@ from .turn_cache import TurnCache
 log = logging.getLogger("vibecast.sessions")
 
 QUEUE_POLL_S = 0.25
+KEEP_RUNNING_S = 1.0  # well inside store.RUNNING_TTL_S
 
 
 class Sessions:
@@ -63,7 +64,11 @@ class Sessions:
         self.metrics = metrics
         self.catalogue = catalogue  # voice id -> description
         self.sessions: dict[str, Session] = {}
-        self.running: set[str] = set()  # sessions holding an engine slot
+        self.running: set[str] = set()  # this server's sessions holding an engine slot
+        # A shared store counts every gateway's running sessions; this one vouches for its own.
+        self._keeper = (
+            asyncio.get_running_loop().create_task(self._keep_running()) if store.shared else None
+        )
         # How many sessions generate at once: set, or what the backend measured at warm-up it
         # keeps in real time on this machine.
         self.capacity = config.max_sessions or backend.realtime_capacity()
@@ -240,14 +245,17 @@ class Sessions:
         return session
 
     def _has_slot(self, session_id: str) -> bool:
-        queue = self.store.queue()
-        return len(self.running) < self.capacity and queue[:1] == [session_id]
+        """First in the queue and room: admitted (in the store, across gateways when shared)."""
+        return self.store.admit(session_id, self.capacity)
 
     async def admit(
         self, session: Session, on_position: Callable[[int, float | None], Awaitable[None]]
     ) -> None:
         """Wait for an engine slot, first come first served, reporting the queue position."""
-        if len(self.store.queue()) >= self.config.max_queue and len(self.running) >= self.capacity:
+        if (
+            len(self.store.queue()) >= self.config.max_queue
+            and self.store.running() >= self.capacity
+        ):
             error = ProtocolError(
                 Code.BUSY,
                 f"the server is at capacity ({self.capacity} sessions generating) and "
@@ -280,13 +288,25 @@ class Sessions:
         mean = sum(self._recent_walls) / len(self._recent_walls)
         return round(mean * position / self.capacity, 1)
 
+    async def _keep_running(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_RUNNING_S)
+            try:
+                self.store.keep_running(list(self.running))
+            except Exception:  # noqa: BLE001 - the store is back at the next round
+                log.exception("could not tell the store which sessions run here")
+
+    def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+
     async def room(self) -> None:
         """Wait until the queue has room for one more (a job waits here instead of being
         refused `busy`: it is kept, and nobody holds a socket open for it)."""
         async with self._queue_changed:
             while (
                 len(self.store.queue()) >= self.config.max_queue
-                and len(self.running) >= self.capacity
+                and self.store.running() >= self.capacity
             ):
                 await self._queue_wait()
 
@@ -310,6 +330,7 @@ class Sessions:
         """The session stops holding an engine slot: the next in line may start."""
         if session.id in self.running:
             self.running.discard(session.id)
+            self.store.release(session.id)
             asyncio.get_running_loop().create_task(self._notify())
 
     def _concluded(self, session: Session) -> None:
@@ -341,6 +362,7 @@ class Sessions:
         """A `resume` took the session: it generates again at once, ahead of the queue."""
         if session.state is not State.CONCLUDED:
             self.running.add(session.id)
+            self.store.keep_running([session.id])
         self.metrics.detached.set(self.detached_count())
 
     def _expire(self, session: Session, epoch: int) -> None:

@@ -55,6 +55,22 @@ class SessionStore(Protocol):
     def queue(self) -> list[str]:
         """Waiting session ids, first in line first."""
 
+    def admit(self, session_id: str, capacity: int) -> bool:
+        """In one step: if the session is first in the queue and fewer than `capacity` sessions
+        run, move it from the queue to the running ones. With a shared store the queue and the
+        count are every gateway's: admission is first come, first served across them."""
+
+    def keep_running(self, session_ids: list[str]) -> None:
+        """These sessions run (again, for a resumed one; a gateway says so every second or so);
+        a running session nobody vouches for within RUNNING_TTL_S no longer counts (its
+        gateway died)."""
+
+    def release(self, session_id: str) -> None:
+        """The session stopped running (ended, or its socket dropped)."""
+
+    def running(self) -> int:
+        """Sessions running, every gateway's."""
+
     def attach(self, session_id: str) -> int:
         """A writer takes the session over: bump and return its fencing epoch."""
 
@@ -70,6 +86,9 @@ class SessionStore(Protocol):
 
     def close(self) -> None:
         """The server is stopping: let go of connections."""
+
+
+RUNNING_TTL_S = 5.0
 
 
 @dataclass
@@ -91,6 +110,7 @@ class MemoryStore:
         self._queue: dict[str, int] = {}
         self._arrival = itertools.count()
         self._epochs: dict[str, int] = {}
+        self._running: set[str] = set()
         self._states: dict[str, dict[str, bytes]] = {}
 
     def register(self, session_id: str, resume_token: str) -> None:
@@ -114,6 +134,7 @@ class MemoryStore:
             self._rings.pop(session_id, None)
             self._queue.pop(session_id, None)
             self._epochs.pop(session_id, None)  # epoch 0: every writer left is stale
+            self._running.discard(session_id)
             self._states.pop(session_id, None)
 
     def ring_append(self, session_id: str, frame: RingFrame, fence: int = 0) -> bool:
@@ -166,6 +187,27 @@ class MemoryStore:
     def queue(self) -> list[str]:
         with self._lock:
             return sorted(self._queue, key=self._queue.__getitem__)
+
+    def admit(self, session_id: str, capacity: int) -> bool:
+        with self._lock:
+            first = min(self._queue, key=self._queue.__getitem__, default=None)
+            if first != session_id or len(self._running) >= capacity:
+                return False
+            del self._queue[session_id]
+            self._running.add(session_id)
+            return True
+
+    def keep_running(self, session_ids: list[str]) -> None:
+        with self._lock:  # (one process: nothing expires, but a resumed session comes back)
+            self._running.update(session_ids)
+
+    def release(self, session_id: str) -> None:
+        with self._lock:
+            self._running.discard(session_id)
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
 
     def close(self) -> None:
         return None

@@ -29,8 +29,8 @@ class Faulty:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def runner(self, session: Any, feed: Any) -> TurnRunner:
-        return TurnRunner(self, session, feed)  # so that the engine loop calls our render
+    def runner(self, session: Any, feed: Any, replayed: Any = ()) -> TurnRunner:
+        return TurnRunner(self, session, feed, replayed)  # the engine loop calls our render
 
     def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
         for i, chunk in enumerate(self.inner.render(session, encoded)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -479,3 +480,48 @@ def test_a_fenced_writer_cannot_append_after_a_takeover(store: SessionStore) -> 
     assert store.ring_append("s", RingFrame(1, 1, 1920, b"b"), newer)
     assert [f.data for f in store.ring_after("s", -1) or []] == [b"a", b"b"]
     assert store.ring_append("s", RingFrame(2, 2, 2880, b"c"))  # unfenced: kept
+
+
+# -- admission: the queue's head runs when there is room --------------------------------------
+
+
+def test_only_the_first_in_line_is_admitted_and_only_while_there_is_room(
+    store: SessionStore,
+) -> None:
+    for sid in ("a", "b", "c"):
+        store.enqueue(sid)
+    assert not store.admit("b", 2)  # not first
+    assert store.admit("a", 2) and store.admit("b", 2)
+    assert store.queue() == ["c"] and store.running() == 2
+    assert not store.admit("c", 2)  # first, but no room
+    store.release("a")
+    assert store.admit("c", 2) and store.running() == 2 and store.queue() == []
+    store.register("c", "tok")
+    store.forget("c")  # a forgotten session runs no more
+    assert store.running() == 1
+    store.keep_running(["z"])  # a resumed session comes back, ahead of the queue
+    assert store.running() == 2
+
+
+def test_gateways_admit_against_one_count(redis_stores) -> None:
+    prefix = fresh_prefix()
+    a, b = redis_stores(prefix), redis_stores(prefix)
+    for sid in ("s1", "s2", "s3"):
+        a.enqueue(sid)
+    assert a.admit("s1", 2) and b.admit("s2", 2)
+    assert not b.admit("s3", 2) and b.running() == a.running() == 2
+
+
+def test_a_running_session_nobody_vouches_for_stops_counting(
+    redis_stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vibecast.server import redis_store
+
+    monkeypatch.setattr(redis_store, "RUNNING_TTL_S", 0.3)
+    s = redis_stores(fresh_prefix())
+    s.enqueue("dead-gateways")
+    assert s.admit("dead-gateways", 1) and s.running() == 1
+    deadline = time.monotonic() + 5
+    while s.running() and time.monotonic() < deadline:  # its gateway stopped renewing it
+        time.sleep(0.05)
+    assert s.running() == 0
