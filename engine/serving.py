@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from ..protocol.messages import ProtocolError
-from .backend import Backend
+from .backend import Backend, Turn
 from .pipeline import PipelineEvent, TurnAudio, TurnFeed
 from .scheduler import Scheduler
 from .wire import RemoteError, StreamRequest, pack_events
@@ -40,6 +40,9 @@ class Liveness(Protocol):
 
     async def serving(self, stream: str, on: bool) -> None:
         """This engine started (True) or stopped (False) generating `stream`."""
+
+    async def appended(self, script: str, have: int) -> tuple[list[Turn], bool]:
+        """Turns appended to `script` from index `have` on, and whether it is complete."""
 
     async def abandoned(self, stream: str) -> None:
         """This engine stopped `stream` because its gateway was gone (for operators, tests)."""
@@ -146,9 +149,9 @@ class EngineService:
             yield pack_events(RemoteError(str(e.code), e.message, e.field, e.turn))
             return
         sink = _Sink(asyncio.get_running_loop(), backend.sample_rate)
-        feed = TurnFeed(request.turns)
+        feed = TurnFeed(request.turns, request.more)
         entry = self.scheduler.add(backend.runner(session, feed, request.replayed), sink)
-        watcher = asyncio.create_task(self._watch(request.stream, sink))
+        watcher = asyncio.create_task(self._watch(request, sink, session, feed))
         self.streams.add(request.stream)
         await self.liveness.serving(request.stream, True)
         try:
@@ -169,11 +172,24 @@ class EngineService:
             self.streams.discard(request.stream)
             await self.liveness.serving(request.stream, False)
 
-    async def _watch(self, stream: str, sink: _Sink) -> None:
-        """Read the stream's acknowledgements; stop it once its gateway is gone."""
+    async def _watch(
+        self, request: StreamRequest, sink: _Sink, session: Any, feed: TurnFeed
+    ) -> None:
+        """Read the stream's acknowledgements and appended turns; stop it once its gateway is
+        gone."""
+        stream = request.stream
         while not sink.ended:
             await asyncio.sleep(CHECK_S)
             sink.acked = await self.liveness.acked(stream)
+            if not feed.complete:
+                turns, complete = await self.liveness.appended(request.script, feed.total)
+                try:
+                    self.backend.check_turns(session, turns)
+                except ProtocolError as e:  # the session's error, as a start would get it
+                    sink.end(e)
+                    return
+                if turns or complete:
+                    feed.add(turns, more=not complete)
             self.scheduler.wake()
             if not await self.liveness.alive(stream):
                 log.info("stream %s: its gateway is gone; stopping it", stream)

@@ -33,6 +33,14 @@ def _uncarry(c: dict[str, list[Any]] | None) -> Carry | None:
     return None if c is None else {k: _from(v) for k, v in c.items()}
 
 
+def pack_turn(t: Turn) -> bytes:
+    return msgpack.packb([t.index, t.speaker, t.text], use_bin_type=True)
+
+
+def unpack_turn(data: bytes) -> Turn:
+    return Turn(*msgpack.unpackb(data, raw=False))
+
+
 def pack_carry(c: Carry) -> bytes:
     return msgpack.packb(_carry(c), use_bin_type=True)
 
@@ -52,6 +60,8 @@ class StreamRequest:
     params: SynthesisParams
     turns: list[Turn]
     replayed: list[Carry] = field(default_factory=list)
+    script: str = ""  # where turns appended later arrive (the session's, across its streams)
+    more: bool = False  # turns may be appended
 
     def pack(self) -> bytes:
         p = self.params
@@ -65,6 +75,8 @@ class StreamRequest:
                 "params": [p.seed, p.mode, p.cfg_scale, p.steps, p.frames_per_turn],
                 "turns": [[t.index, t.speaker, t.text] for t in self.turns],
                 "replayed": [_carry(c) for c in self.replayed],
+                "script": self.script,
+                "more": self.more,
             },
             use_bin_type=True,
         )
@@ -83,6 +95,8 @@ class StreamRequest:
             SynthesisParams(*m["params"]),
             [Turn(*t) for t in m["turns"]],
             [c for c in replayed if c is not None],
+            m["script"],
+            m["more"],
         )
 
 

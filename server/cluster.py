@@ -22,7 +22,9 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.metrics import Gauge
 
+from ..engine.backend import Turn
 from ..engine.serving import EngineService
+from ..engine.wire import pack_turn, unpack_turn
 from .config import ServerConfig
 
 log = logging.getLogger("vibecast.cluster")
@@ -30,6 +32,7 @@ log = logging.getLogger("vibecast.cluster")
 APP = "vibecast"
 ALIVE_MS = 2000  # a stream whose gateway has not said it is alive for this long stops
 PREFIX = "vibecast:"
+SCRIPT_TTL_S = 2 * 3600  # a session's appended turns: longer than any session lasts
 
 
 def _key(kind: str, name: str) -> str:
@@ -50,6 +53,11 @@ class RedisLiveness:
 
     async def alive(self, stream: str) -> bool:
         return bool(await self._redis.exists(_key("alive", stream)))
+
+    async def appended(self, script: str, have: int) -> tuple[list[Turn], bool]:
+        raw = await self._redis.lrange(_key("turns", script), 0, -1)  # turns appended, in order
+        turns = [t for t in map(unpack_turn, cast(list[bytes], raw)) if t.index >= have]
+        return turns, bool(await self._redis.exists(_key("complete", script)))
 
     async def abandoned(self, stream: str) -> None:
         await self._redis.set(_key("abandoned", stream), time.time(), ex=3600)
@@ -92,6 +100,15 @@ class RayLink:
 
     def done(self, stream: str) -> None:
         self._redis.delete(_key("alive", stream), _key("ack", stream))
+
+    def append(self, script: str, turns: list[Turn], complete: bool) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        if turns:
+            pipe.rpush(_key("turns", script), *(pack_turn(t) for t in turns))
+            pipe.expire(_key("turns", script), SCRIPT_TTL_S)
+        if complete:
+            pipe.set(_key("complete", script), 1, ex=SCRIPT_TTL_S)
+        pipe.execute()
 
 
 EXPORT_S = 1.0  # how often replicas refresh the gauges Ray exports

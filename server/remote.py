@@ -52,6 +52,9 @@ class EngineLink(Protocol):
 
     def done(self, stream: str) -> None: ...
 
+    def append(self, script: str, turns: list[Turn], complete: bool) -> None:
+        """Turns appended to a session's script (`complete`: no more will come)."""
+
 
 @dataclass
 class RemoteSession:
@@ -91,8 +94,11 @@ class RemoteRunner:
         self.stream_id = ""
         self.taken: dict[str, int] = {}
         self.engines_lost = 0
+        self._script = secrets.token_hex(8)  # where appended turns go, whichever engine reads
         self._thread = threading.Thread(target=self._read, name="remote-stream", daemon=True)
         self._thread.start()
+        if not feed.complete:
+            threading.Thread(target=self._forward, name="remote-append", daemon=True).start()
 
     # -- the engine loop's side (scheduler.py's Runner) ---------------------------------------
 
@@ -128,9 +134,21 @@ class RemoteRunner:
 
     # -- the reading thread ---------------------------------------------------------------------
 
+    def _forward(self) -> None:
+        """Pass turns appended to the session's script on to the engines."""
+        n = self._feed.total
+        while True:
+            turn = self._feed.get(n)  # waits for turn n, or for the script's end
+            with self._lock:
+                if self._closed:
+                    return
+            self._link.append(self._script, [] if turn is None else [turn], turn is None)
+            if turn is None:
+                return
+            n += 1
+
     def _read(self) -> None:
         try:
-            self._feed.get(1 << 30)  # the script's end: streams carry whole scripts (docs)
             while not self._finished_stream():
                 pass
         except BaseException as e:  # noqa: BLE001 - handed to the engine loop as the session's
@@ -156,6 +174,8 @@ class RemoteRunner:
             self._session.params,
             self._feed.known(),
             replayed,
+            self._script,
+            not self._feed.complete,
         )
         try:
             stream = self._link.stream(request.pack())

@@ -38,10 +38,11 @@ pytestmark = pytest.mark.slow
 SESSIONS = 4
 CAPACITY = 4  # sessions generating at once, every gateway's together
 QUEUE = 3
-# What a failover may add to the largest gap of the same sessions without one: making the turn
-# in progress again and the replacement replica's warm-up share the machine's 2 cores with the
-# sessions, so the bound scales with how loaded the machine already is (the calm gap).
-STALL_S = 0.5
+# What a failover may add to the largest gap of the same sessions without one. The failover
+# itself takes ~0.1 s (the loss is seen in ~20 ms, another engine streams ~80 ms later); making
+# the turn in progress again up to where it was, and the replacement replica's warm-up, share
+# the machine's 2 cores with the sessions: on this machine 0.4-0.9 s more in all.
+STALL_S = 2.0
 SCRIPT = [(s, t) for s, t in DIALOGUE[:6]]
 SPEAKERS = [{"voice": v} for v in ("joe", "joe-high", "joe-deep", "joe-bright")]
 
@@ -215,7 +216,7 @@ def test_an_engine_killed_mid_session_loses_no_audio(cluster: Cluster) -> None:
     gaps = max(r["max_gap_s"] for r in results)
     calm = max(r["max_gap_s"] for r in reference)
     print(f"\nengine killed: largest gap {gaps * 1000:.0f} ms, without a kill {calm * 1000:.0f} ms")
-    assert gaps <= 2 * calm + STALL_S
+    assert gaps <= calm + STALL_S
 
     # No stream outlives its session, and Serve puts a new engine in the dead one's place.
     took = wait_until(
@@ -367,3 +368,19 @@ def test_over_capacity_sessions_wait_in_one_line_across_gateways(cluster: Cluste
     assert admitted == list(range(CAPACITY + QUEUE))  # admission in arrival order
     for i, seen in enumerate(positions[CAPACITY:]):
         assert seen[0] == i + 1 and seen == sorted(seen, reverse=True), positions
+
+
+def test_turns_appended_to_an_open_script_are_spoken(cluster: Cluster) -> None:
+    async def scenario() -> list[Any]:
+        async with await Client.connect(cluster.ws_url) as client:
+            await client.start(SPEAKERS, turns_of(SCRIPT[:2]), more=True, options={"seed": 800})
+            msgs: list[Any] = []
+            while not any(isinstance(m, TurnEnd) for m in msgs):
+                msgs.append(await client.recv())
+            await client.append(turns_of(SCRIPT[2:4]), more=False)
+            msgs += [m async for m in client]
+        return msgs
+
+    msgs = asyncio.run(scenario())
+    assert [m.turn for m in msgs if isinstance(m, TurnEnd)] == [0, 1, 2, 3]
+    assert sum(isinstance(m, Done) for m in msgs) == 1
