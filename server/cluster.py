@@ -219,8 +219,17 @@ def _config(settings: dict[str, Any]) -> ServerConfig:
     return ServerConfig(**settings).replace(**limits)
 
 
-def application(config: ServerConfig, engines: int, gateways: int) -> Any:
-    """The Serve application: `gateways` gateway replicas and `engines` engine replicas."""
+def application(
+    config: ServerConfig,
+    engines: int,
+    gateways: int,
+    max_engines: int = 0,
+    sessions_per_engine: int = 8,
+) -> Any:
+    """The Serve application: `gateways` gateway replicas and `engines` engine replicas, or,
+    with `max_engines` above `engines`, between the two as Serve's autoscaler decides from the
+    sessions each engine streams (`sessions_per_engine`: its target; one session is one
+    ongoing request)."""
     if not config.store_url:
         raise ValueError("a cluster keeps its state in Redis: give --store-url redis://HOST:PORT")
     settings = dataclasses.asdict(config)
@@ -229,10 +238,20 @@ def application(config: ServerConfig, engines: int, gateways: int) -> Any:
     # Scaling down: an engine's sessions go on on the others (exact), so it may stop soon; a
     # gateway holds its clients' sockets, so it drains: it stops taking sessions and waits up
     # to the longest a session can last for the ones it has.
+    scale: dict[str, Any] = {"num_replicas": engines}
+    if max_engines > engines:
+        scale = {
+            "autoscaling_config": {
+                "min_replicas": engines,
+                "max_replicas": max_engines,
+                "target_ongoing_requests": sessions_per_engine,
+            }
+        }
     engine = cast(Any, Engine).options(
-        num_replicas=engines, ray_actor_options=gpus, graceful_shutdown_timeout_s=10
+        ray_actor_options=gpus, graceful_shutdown_timeout_s=10, **scale
     )
     gateway = cast(Any, Gateway).options(
         num_replicas=gateways, graceful_shutdown_timeout_s=config.limits.max_audio_s + 60
     )
-    return gateway.bind(settings, engine.bind(settings), engines)
+    # Gateways admit against what the engines can reach: an autoscaled deployment's most.
+    return gateway.bind(settings, engine.bind(settings), max(engines, max_engines))

@@ -101,7 +101,10 @@ def _cluster(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(application(config, args.engines, args.gateways), name=APP, route_prefix="/")
+    app = application(
+        config, args.engines, args.gateways, args.max_engines, args.sessions_per_engine
+    )
+    serve.run(app, name=APP, route_prefix="/")
     host = f"[{config.host}]" if ":" in config.host else config.host
     print(
         f"vibecast: cluster ready ({args.gateways} gateway(s), {args.engines} engine(s)). "
@@ -130,6 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     _add_server_flags(cluster)
     cluster.add_argument("--engines", type=int, default=1, help="engine replicas (one per GPU)")
     cluster.add_argument("--gateways", type=int, default=1, help="gateway replicas")
+    cluster.add_argument(
+        "--max-engines",
+        type=int,
+        default=0,
+        help="autoscale engine replicas between --engines and this (Serve's autoscaler)",
+    )
+    cluster.add_argument(
+        "--sessions-per-engine",
+        type=int,
+        default=8,
+        help="with --max-engines: the sessions one engine should stream (its target load)",
+    )
     cluster.add_argument(
         "--address",
         help="the Ray cluster to join (e.g. auto, or ray://HEAD:10001); default: start one here",
