@@ -116,11 +116,19 @@ class Backend(Protocol):
         """Raise ProtocolError(too_long) naming a turn the model cannot speak in one piece,
         when the turn arrives rather than when its time comes."""
 
-    def runner(self, session: Any, feed: TurnFeed, replayed: Sequence[Carry] = ()) -> Runner:
+    def runner(
+        self,
+        session: Any,
+        feed: TurnFeed,
+        replayed: Sequence[Carry] = (),
+        within: Carry | None = None,
+    ) -> Runner:
         """The session's turns as units of work for the engine loop (engine/scheduler.py).
 
-        `replayed`: the carries of turns 0 .. n - 1, which the turn cache replayed; the runner
-        starts at turn n as if it had just spoken them."""
+        `replayed`: the carries of turns 0 .. n - 1 (replayed from the turn cache, or spoken
+        by an engine that was lost); the runner starts at turn n as if it had just spoken
+        them. `within`: a `TurnAudio.mark` of turn n: it goes on from there (backends without
+        marks start turn n from its beginning)."""
 
     def fingerprint(self) -> str:
         """What, besides the request, decides the audio: the model's weights and the server's

@@ -21,6 +21,9 @@ class TurnStarted:
 class TurnAudio:
     turn: int
     pcm: np.ndarray  # mono float32 at backend.sample_rate
+    mark: Carry | None = None
+    """Where the backend can go on from after this chunk, within its turn (`runner(...,
+    within=mark)`); None: only from the turn's start."""
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,7 @@ class PiperSession:
     rng: np.random.Generator
     noise_scale: float
     noise_w: float
+    mark: Carry | None = None  # where the turn being rendered can go on from (`render`)
 
 
 @dataclass
@@ -294,33 +295,47 @@ class PiperBackend:
                 latents.append(z)
         return EncodedTurn(turn, style, latents)
 
-    def vocode(self, z: np.ndarray) -> Iterator[np.ndarray]:
-        """22.05 kHz audio of z, window by window; concatenated it equals one-shot decoding."""
+    def vocode(self, z: np.ndarray, skip: int = 0) -> Iterator[np.ndarray]:
+        """22.05 kHz audio of z, window by window from window `skip` on; concatenated from 0
+        it equals one-shot decoding (each window is decoded with CONTEXT frames around it)."""
         hop = self.config.hop_length
         total = z.shape[2]
         start, w = 0, 0
         while start < total:
             size = WINDOWS[min(w, len(WINDOWS) - 1)]
             end = min(total, start + size)
-            lo, hi = max(0, start - CONTEXT), min(total, end + CONTEXT)
-            (audio,) = self._dec.run(None, {self._z_name: z[:, :, lo:hi]})
-            audio = audio.reshape(-1)
-            yield audio[(start - lo) * hop : (end - lo) * hop]
+            if w >= skip:
+                lo, hi = max(0, start - CONTEXT), min(total, end + CONTEXT)
+                (audio,) = self._dec.run(None, {self._z_name: z[:, :, lo:hi]})
+                audio = audio.reshape(-1)
+                yield audio[(start - lo) * hop : (end - lo) * hop]
             start, w = end, w + 1
 
     def render(
-        self, session: PiperSession, encoded: EncodedTurn
+        self, session: PiperSession, encoded: EncodedTurn, start: Carry | None = None
     ) -> Generator[np.ndarray, None, None]:
+        """The turn's audio chunk by chunk; before each chunk, `session.mark` says where the
+        render can go on from after it (`start`: go on from such a mark, exactly)."""
         pitch = 2.0 ** (encoded.style.semitones / 12.0)
         resampler = Resampler(self.config.sample_rate * pitch, SAMPLE_RATE)
-        for z in encoded.latents:
-            for audio in self.vocode(z):
+        at = (0, 0)  # (latent, window) to render next
+        if start is not None:
+            resampler.load(start)
+            at = (int(start["at"][0]), int(start["at"][1]))
+        for i in range(at[0], len(encoded.latents)):
+            skip = at[1] if i == at[0] else 0
+            for w, audio in enumerate(self.vocode(encoded.latents[i], skip), start=skip):
                 out = _soft_clip(resampler.push(audio) * GAIN)
                 self._made += len(out)
+                session.mark = {"at": np.array([i, w + 1], np.int64), **resampler.save()}
                 yield out
         out = _soft_clip(resampler.flush() * GAIN)
         self._made += len(out)
+        session.mark = None  # the flush: the turn's end follows
         yield out
+
+    def mark(self, session: PiperSession) -> Carry | None:
+        return session.mark
 
     def warmup(self) -> None:
         session = self.open_session(
@@ -342,9 +357,13 @@ class PiperBackend:
         return None  # any length: long sentences are split (MAX_PIECE_CHARS)
 
     def runner(
-        self, session: PiperSession, feed: TurnFeed, replayed: Sequence[Carry] = ()
+        self,
+        session: PiperSession,
+        feed: TurnFeed,
+        replayed: Sequence[Carry] = (),
+        within: Carry | None = None,
     ) -> TurnRunner:
-        return TurnRunner(self, session, feed, replayed)
+        return TurnRunner(self, session, feed, replayed, within)
 
     def carry(self, session: PiperSession) -> Carry:
         """After a turn: the noise generator's state (PCG64's, as JSON bytes: its ints pass

@@ -110,6 +110,15 @@ class Resampler:
         self._trim()
         return out
 
+    def save(self) -> dict[str, np.ndarray]:
+        """Where the stream is: what `load` needs to go on exactly from here."""
+        pos = np.array([self._buf_start, self._n_in, self._k], np.int64)
+        return {"buf": self._buf.copy(), "pos": pos}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self._buf = state["buf"].astype(np.float32)
+        self._buf_start, self._n_in, self._k = (int(v) for v in state["pos"])
+
     def flush(self) -> np.ndarray:
         if self.identity:
             return np.zeros(0, dtype=np.float32)

@@ -271,12 +271,18 @@ class TurnRunner:
     group = None
 
     def __init__(
-        self, backend: Any, session: Any, feed: Any, replayed: Sequence[Carry] = ()
+        self,
+        backend: Any,
+        session: Any,
+        feed: Any,
+        replayed: Sequence[Carry] = (),
+        within: Carry | None = None,
     ) -> None:
         self.backend = backend
         self.session = session
         self.feed = feed
         self._next = len(replayed)  # index of the next turn to start
+        self._within = within  # where in that turn to go on from (a `mark` of the backend's)
         if replayed:
             backend.restore(session, replayed[-1])
         self._chunks: Any = None  # the render of the current turn
@@ -295,7 +301,8 @@ class TurnRunner:
             if turn is None:  # ready() said so: the script is complete
                 return None
             encoded = self.backend.encode(self.session, turn, turn.index % 2)
-            self._chunks = self.backend.render(self.session, encoded)
+            self._chunks = self.backend.render(self.session, encoded, self._within)
+            self._within = None
             self._turn = turn.index
             self._next += 1
             return [TurnStarted(turn)]
@@ -303,7 +310,7 @@ class TurnRunner:
         if pcm is None:
             self._chunks = None
             return [TurnEnded(self._turn, carry=self.backend.carry(self.session))]
-        return [TurnAudio(self._turn, pcm)] if len(pcm) else []
+        return [TurnAudio(self._turn, pcm, self.backend.mark(self.session))] if len(pcm) else []
 
     def park(self) -> None:
         return None  # Piper keeps nothing in the model between units

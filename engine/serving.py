@@ -150,7 +150,8 @@ class EngineService:
             return
         sink = _Sink(asyncio.get_running_loop(), backend.sample_rate)
         feed = TurnFeed(request.turns, request.more)
-        entry = self.scheduler.add(backend.runner(session, feed, request.replayed), sink)
+        runner = backend.runner(session, feed, request.replayed, request.within)
+        entry = self.scheduler.add(runner, sink)
         watcher = asyncio.create_task(self._watch(request, sink, session, feed))
         self.streams.add(request.stream)
         await self.liveness.serving(request.stream, True)

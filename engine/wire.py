@@ -62,6 +62,7 @@ class StreamRequest:
     replayed: list[Carry] = field(default_factory=list)
     script: str = ""  # where turns appended later arrive (the session's, across its streams)
     more: bool = False  # turns may be appended
+    within: Carry | None = None  # a mark of turn len(replayed) to go on from
 
     def pack(self) -> bytes:
         p = self.params
@@ -77,6 +78,7 @@ class StreamRequest:
                 "replayed": [_carry(c) for c in self.replayed],
                 "script": self.script,
                 "more": self.more,
+                "within": _carry(self.within),
             },
             use_bin_type=True,
         )
@@ -97,6 +99,7 @@ class StreamRequest:
             [c for c in replayed if c is not None],
             m["script"],
             m["more"],
+            _uncarry(m["within"]),
         )
 
 
@@ -119,7 +122,7 @@ def pack_events(events: list[PipelineEvent] | RemoteError) -> bytes:
         if isinstance(e, TurnStarted):
             out.append(["s", e.turn.index])
         elif isinstance(e, TurnAudio):
-            out.append(["a", e.turn, _array(e.pcm)])
+            out.append(["a", e.turn, _array(e.pcm), _carry(e.mark)])
         else:
             out.append(["e", e.turn, e.capped, _carry(e.carry)])
     return msgpack.packb(out, use_bin_type=True)
@@ -137,7 +140,7 @@ def unpack_events(data: bytes, turns: Any) -> list[PipelineEvent] | RemoteError:
             assert turn is not None, f"the engine started turn {item[1]}, unknown here"
             events.append(TurnStarted(turn))
         elif kind == "a":
-            events.append(TurnAudio(item[1], _from(item[2])))
+            events.append(TurnAudio(item[1], _from(item[2]), _uncarry(item[3])))
         else:
             events.append(TurnEnded(item[1], item[2], _uncarry(item[3])))
     return events

@@ -84,6 +84,8 @@ class RemoteRunner:
         self._ended: set[int] = set()
         self._delivered: dict[int, int] = {}  # samples of a turn handed to the session
         self._seen: dict[int, int] = {}  # samples of a turn the current stream has made
+        self._mark: tuple[int, Carry, int] | None = None  # (turn, mark, samples made up to it)
+        self._from: dict[int, int] = {}  # where the current stream starts within a turn
         self.wake: Any = lambda: None  # the engine loop's (scheduler.py sets it)
         self._lock = threading.Condition()
         self._buffer: deque[tuple[str, Events]] = deque()
@@ -165,9 +167,15 @@ class RemoteRunner:
             if self._closed:
                 return True
         self.stream_id = secrets.token_hex(8)
-        self._seen = {}
         self._backend.watch(self)
         replayed = self._carries[: self._first_missing()]
+        # Within the turn in progress, go on from the last place the lost engine marked (what
+        # it had made up to there is not made again), else from the turn's start.
+        within, self._from = None, {}
+        if self._mark is not None and self._mark[0] == len(replayed):
+            k, within, made = self._mark
+            self._from = {k: made}
+        self._seen = {}
         request = StreamRequest(
             self.stream_id,
             self._session.speakers,
@@ -176,6 +184,7 @@ class RemoteRunner:
             replayed,
             self._script,
             not self._feed.complete,
+            within,
         )
         try:
             stream = self._link.stream(request.pack())
@@ -186,8 +195,8 @@ class RemoteRunner:
             for data in stream:
                 batch = unpack_events(data, self._feed)
                 if isinstance(batch, RemoteError):
-                    code, field, turn = Code(batch.code), batch.field, batch.turn
-                    raise ProtocolError(code, batch.message, field=field, turn=turn, fatal=True)
+                    code, field, at = Code(batch.code), batch.field, batch.turn
+                    raise ProtocolError(code, batch.message, field=field, turn=at, fatal=True)
                 events = self._new(batch)
                 with self._lock:
                     while len(self._buffer) >= BUFFER and not self._closed:
@@ -220,11 +229,11 @@ class RemoteRunner:
 
     def _new(self, batch: list[PipelineEvent]) -> Events:
         """What of a batch the session has not had yet (a stream after a lost engine makes the
-        turn in progress again from its start)."""
+        turn in progress again, from its last mark or from its start)."""
         out: Events = []
         for e in batch:
             if isinstance(e, TurnStarted):
-                self._seen[e.turn.index] = 0
+                self._seen[e.turn.index] = self._from.get(e.turn.index, 0)
                 if e.turn.index not in self._started:
                     self._started.add(e.turn.index)
                     out.append(e)
@@ -233,11 +242,14 @@ class RemoteRunner:
                 have = self._delivered.get(e.turn, 0)
                 pcm = e.pcm[max(0, have - seen) :]
                 self._seen[e.turn] = seen + len(e.pcm)
+                if e.mark is not None:
+                    self._mark = (e.turn, e.mark, self._seen[e.turn])
                 if len(pcm):
                     self._delivered[e.turn] = have + len(pcm)
                     out.append(TurnAudio(e.turn, pcm))
             elif isinstance(e, TurnEnded) and e.turn not in self._ended:
                 self._ended.add(e.turn)
+                self._mark = None
                 if e.carry is not None and len(self._carries) == e.turn:
                     self._carries.append(e.carry)
                 out.append(e)
@@ -289,7 +301,11 @@ class RemoteBackend:
         return None  # the engine checks the script when the stream opens (a fatal error then)
 
     def runner(
-        self, session: RemoteSession, feed: TurnFeed, replayed: Sequence[Carry] = ()
+        self,
+        session: RemoteSession,
+        feed: TurnFeed,
+        replayed: Sequence[Carry] = (),
+        within: Carry | None = None,
     ) -> RemoteRunner:
         return RemoteRunner(self, session, feed, replayed)
 

@@ -38,11 +38,12 @@ pytestmark = pytest.mark.slow
 SESSIONS = 4
 CAPACITY = 4  # sessions generating at once, every gateway's together
 QUEUE = 3
-# What a failover may add to the largest gap of the same sessions without one. The failover
-# itself takes ~0.1 s (the loss is seen in ~20 ms, another engine streams ~80 ms later); making
-# the turn in progress again up to where it was, and the replacement replica's warm-up, share
-# the machine's 2 cores with the sessions: on this machine 0.4-0.9 s more in all.
-STALL_S = 2.0
+# What a failover may add to the largest gap of the same sessions without one. The loss is
+# seen in ~20 ms, another engine streams ~80 ms later from the last mark of the turn in
+# progress (its text stage again, then the next vocoder window), while the replacement
+# replica warms up on the same 2 cores: 150-280 ms measured; the bound leaves room for a
+# busier machine.
+STALL_S = 0.5
 SCRIPT = [(s, t) for s, t in DIALOGUE[:6]]
 SPEAKERS = [{"voice": v} for v in ("joe", "joe-high", "joe-deep", "joe-bright")]
 

@@ -32,8 +32,10 @@ class Faulty:
     def runner(self, session: Any, feed: Any, replayed: Any = ()) -> TurnRunner:
         return TurnRunner(self, session, feed, replayed)  # the engine loop calls our render
 
-    def render(self, session: Any, encoded: Any) -> Generator[np.ndarray, None, None]:
-        for i, chunk in enumerate(self.inner.render(session, encoded)):
+    def render(
+        self, session: Any, encoded: Any, start: Any = None
+    ) -> Generator[np.ndarray, None, None]:
+        for i, chunk in enumerate(self.inner.render(session, encoded, start)):
             if i == 1 and "FAIL" in encoded.turn.text:
                 raise RuntimeError("a bug in the middle of a turn")
             if i == 1 and "OOM" in encoded.turn.text:

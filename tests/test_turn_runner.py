@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from helpers import DIALOGUE, drain
 
 from vibecast.engine.backend import SpeakerVoice, SynthesisParams, Turn
@@ -71,3 +72,26 @@ def test_closing_mid_turn_stops_its_render(piper) -> None:
     assert isinstance(runner.run()[0], TurnAudio)  # type: ignore[index]
     runner.close()
     assert runner._chunks is None
+
+
+def test_a_turn_goes_on_from_any_of_its_marks_exactly(piper) -> None:
+    """After each chunk the runner says where it could go on from (`TurnAudio.mark`); another
+    runner given the turn before's carry and such a mark makes the rest of the turn, and of the
+    script, sample for sample (what an engine taking over a lost one's session does)."""
+    long = "This turn is long enough to take several vocoder windows. " * 4
+    turns = [Turn(0, 0, "A short first turn."), Turn(1, 1, long), Turn(2, 0, "And a last one.")]
+    events = drain(_runner(piper, TurnFeed(turns)))
+    audio = [e for e in events if isinstance(e, TurnAudio)]
+    carry = next(e.carry for e in events if isinstance(e, TurnEnded) and e.turn == 0)
+    assert carry is not None
+    marked = [i for i, e in enumerate(audio) if e.turn == 1 and e.mark is not None]
+    assert len(marked) >= 3
+    for i in (marked[0], marked[len(marked) // 2]):
+        speakers = [SpeakerVoice(v.id, voice_id=v.id) for v in piper.voices()]
+        session = piper.open_session(speakers, SynthesisParams(5, "turns"))
+        again = TurnRunner(piper, session, TurnFeed(turns), [carry], audio[i].mark)
+        rest = [e.pcm for e in drain(again) if isinstance(e, TurnAudio)]
+        want = [e.pcm for e in audio[i + 1 :]]
+        assert len(rest) == len(want)
+        for got, expected in zip(rest, want, strict=True):
+            assert np.array_equal(got, expected)

@@ -431,9 +431,11 @@ class VibeVoiceBackend:
         session: int,
         feed: TurnFeed,
         replayed: Sequence[Carry] = (),
+        within: Carry | None = None,
         saved: Saved | None = None,
     ) -> SlotRunner:
-        """`replayed`: the carries of the turns the turn cache replayed; `saved`: a context
+        """`replayed`: the carries of the turns already spoken (`within` is ignored: a turn
+        starts again from its beginning, from the same generator state); `saved`: a context
         session saved elsewhere (`SlotRunner.save`). Either way the session was opened here
         with the same voices and seed, and goes on at its next turn (in `context` mode after
         a rebuild of its context from the turns' records)."""
