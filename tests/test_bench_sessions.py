@@ -73,3 +73,20 @@ def test_the_listener_counts_a_stall_from_running_dry_to_playing_again() -> None
     assert listener.playing and listener.stall_s == pytest.approx(0.4)
     listener.finish(1.2)
     assert listener.stalls == 1
+
+
+def test_the_soak_runs_against_a_server_given_by_url(server, tmp_path) -> None:
+    """`vibecast bench --soak M --server URL` (a cluster's gateways, say): the same listener and
+    checks, without the memory figures it can only take from a server it started itself."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "soak.json"
+    cmd = [sys.executable, "-c", "from vibecast.cli import main; main()", "bench", "--soak"]
+    args = ["0.2", "--speed", "20", "--server", server.ws_url, "--json", str(out)]
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["pts_gaps"] == 0 and result["audio_minutes"] > 0.1
+    assert result["rss_mb_peak"] is None

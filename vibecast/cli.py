@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "bench" and args.soak:
         from .soak import run_soak
 
-        code = run_soak(args.soak, args.speed, args.model, args.max_lead_ms, args.json)
+        code = run_soak(
+            args.soak, args.speed, args.model, args.max_lead_ms, args.json, args.server, args.token
+        )
     elif args.command == "bench":
         from .bench import run_bench
 

@@ -99,7 +99,11 @@ class Samples:
     rss: list[tuple[float, float]] = field(default_factory=list)  # (generated minutes, MB)
 
 
-async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, Any]:
+async def soak(
+    url: str, pid: int | None, minutes: float, speed: float, token: str | None = None
+) -> dict[str, Any]:
+    """One long session with a listener at `speed`; `pid`: the server's process, whose memory
+    is sampled (None: a server elsewhere, a cluster's: no memory figures)."""
     turns = script(minutes)
     listener = Listener(speed)
     samples = Samples()
@@ -109,7 +113,7 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
     max_lead = 0.0
     done: Done | None = None
     t0 = time.monotonic()
-    async with await Client.connect(url) as client:
+    async with await Client.connect(url, token=token) as client:
         ready = await client.start(
             [{"voice": v} for v in ("joe", "joe-high", "joe-deep", "joe-bright")],
             turns,
@@ -127,7 +131,8 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
                     await client.playback(int(listener.played_ms))
                 except ConnectionClosed:
                     break  # done arrived while this report waited
-                samples.rss.append((listener.received_ms / 60000, rss_mb(pid)))
+                if pid is not None:
+                    samples.rss.append((listener.received_ms / 60000, rss_mb(pid)))
                 lead = listener.received_ms - listener.played_ms
                 max_lead = max(max_lead, lead)
                 if lead >= lead_limit - 2500:  # within one chunk of the limit: the server waits
@@ -149,18 +154,25 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
         await reporter
     wall = time.monotonic() - t0
     assert done is not None, "the server closed before done"
-    after_2 = [mb for m, mb in samples.rss if m >= 2.0]
-    base = after_2[0] if after_2 else samples.rss[0][1]
-    end = samples.rss[-1][1]
+    memory: dict[str, float | None] = dict.fromkeys(
+        ("rss_mb_at_minute_2", "rss_mb_at_end", "rss_mb_peak", "rss_growth_pct")
+    )
+    if samples.rss:
+        after_2 = [mb for m, mb in samples.rss if m >= 2.0]
+        base = after_2[0] if after_2 else samples.rss[0][1]
+        end = samples.rss[-1][1]
+        memory = {
+            "rss_mb_at_minute_2": round(base, 1),
+            "rss_mb_at_end": round(end, 1),
+            "rss_mb_peak": round(max(mb for _, mb in samples.rss), 1),
+            "rss_growth_pct": round(100 * (end - base) / base, 2),
+        }
     return {
         "audio_minutes": round(done.duration_ms / 60000, 2),
         "turns": done.turns,
         "speed": speed,
         "wall_s": round(wall, 1),
-        "rss_mb_at_minute_2": round(base, 1),
-        "rss_mb_at_end": round(end, 1),
-        "rss_mb_peak": round(max(mb for _, mb in samples.rss), 1),
-        "rss_growth_pct": round(100 * (end - base) / base, 2),
+        **memory,
         "pts_gaps": gaps,
         "listener_stalls": listener.stalls,
         "listener_stall_ms": round(listener.stall_ms),
@@ -170,7 +182,17 @@ async def soak(url: str, pid: int, minutes: float, speed: float) -> dict[str, An
     }
 
 
-def run_soak(minutes: float, speed: float, model: str, lead_ms: int, out: str | None) -> int:
+def run_soak(
+    minutes: float,
+    speed: float,
+    model: str,
+    lead_ms: int,
+    out: str | None,
+    server: str | None = None,
+    token: str | None = None,
+) -> int:
+    if server is not None:  # a running server or cluster: its own limits apply
+        return _report(asyncio.run(soak(server, None, minutes, speed, token)), out)
     cmd = [
         sys.executable,
         "-c",
@@ -199,6 +221,10 @@ def run_soak(minutes: float, speed: float, model: str, lead_ms: int, out: str | 
     finally:
         proc.terminate()
         proc.wait(30)
+    return _report(result, out)
+
+
+def _report(result: dict[str, Any], out: str | None) -> int:
     print(json.dumps(result, indent=2))
     if out:
         Path(out).write_text(json.dumps(result, indent=2))
