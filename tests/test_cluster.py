@@ -385,3 +385,36 @@ def test_turns_appended_to_an_open_script_are_spoken(cluster: Cluster) -> None:
     msgs = asyncio.run(scenario())
     assert [m.turn for m in msgs if isinstance(m, TurnEnd)] == [0, 1, 2, 3]
     assert sum(isinstance(m, Done) for m in msgs) == 1
+
+
+def test_a_gateway_scaled_down_finishes_its_sessions(cluster: Cluster, redis_url: str) -> None:
+    """Scaling the gateways from 2 to 1: the one Serve stops takes no new session and drains,
+    keeping its clients' sockets until their sessions end (graceful_shutdown_timeout_s is the
+    session cap); every session finishes whole. Last in this file: it leaves one gateway."""
+
+    async def scenario() -> list[list[Any]]:
+        clients: list[Client] = []
+        owners = set()
+        for i in range(4):  # on both gateways; they wait, unread, while the change happens
+            c = await Client.connect(cluster.ws_url)
+            ready = await c.start(SPEAKERS, turns_of(SCRIPT), options={"seed": 900 + i})
+            owners.add(cluster.gateway_of(ready.session_id))
+            clients.append(c)
+        assert len(owners) == 2, owners  # one of them is going to stop
+        config = ServerConfig(store_url=redis_url, turn_cache=False, resume_grace_s=30).replace(
+            max_sessions=CAPACITY, max_queue=QUEUE
+        )
+        app = application(config, engines=2, gateways=1)
+        await asyncio.to_thread(serve.run, app, name=APP, route_prefix="/")
+        results = []
+        for c in clients:
+            async with c:
+                results.append([m async for m in c])
+        return results
+
+    for msgs in asyncio.run(scenario()):
+        seqs = [m.seq for m in msgs if isinstance(m, Audio)]
+        assert seqs == list(range(len(seqs)))
+        assert [m.turn for m in msgs if isinstance(m, TurnEnd)] == list(range(len(SCRIPT)))
+        assert sum(isinstance(m, Done) for m in msgs) == 1
+    wait_until(lambda: len(cluster.gateways()) == 1, 30.0)  # the drained one is gone
