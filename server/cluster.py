@@ -114,17 +114,21 @@ class RayLink:
 EXPORT_S = 1.0  # how often replicas refresh the gauges Ray exports
 
 
-def export(gauges: dict[str, str], read: Callable[[], dict[str, float]]) -> None:
+def export(gauges: dict[str, str], read: Callable[[], dict[str, float]], url: str) -> None:
     """Publish `read()` as Ray Serve gauges every EXPORT_S, from a thread of this replica: Ray
     exports every replica's, tagged with its deployment and replica, on each node's metrics
-    port (`ray start --metrics-export-port`), one Prometheus view of the cluster."""
+    port (`ray start --metrics-export-port`), one Prometheus view of the cluster. Each round
+    also stamps `exported:{pid}` in Redis: when each replica last reported."""
     made = {name: Gauge(f"vibecast_{name}", description=text) for name, text in gauges.items()}
+    store = redis.Redis.from_url(url)
+    stamp = _key("exported", str(os.getpid()))
 
     def loop() -> None:
         while True:
             for name, value in read().items():
                 if name in made:
                     made[name].set(value)
+            store.set(stamp, time.time(), ex=60)
             time.sleep(EXPORT_S)
 
     threading.Thread(target=loop, name="vibecast-metrics", daemon=True).start()
@@ -160,6 +164,7 @@ class Engine:
         export(
             ENGINE_GAUGES,
             lambda: {**service.backend.counters(), "engine_streams": len(service.streams)},
+            config.store_url,
         )
 
     async def describe(self) -> dict[str, Any]:
@@ -208,7 +213,7 @@ class Gateway:
                 "turn_cache_hits": cache.get("hits", 0),
             }
 
-        export(GATEWAY_GAUGES, read)
+        export(GATEWAY_GAUGES, read, url)
         return app
 
 

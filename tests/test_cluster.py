@@ -6,7 +6,6 @@ no engine stream outlives its session, even when its gateway is SIGKILLed."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -58,9 +57,12 @@ class Cluster:
     def __init__(self, url: str, port: int, metrics_port: int) -> None:
         self.redis = redis.Redis.from_url(url)
         self.store = RedisStore(url)
+        # Every change to the cluster's keys, to wait on instead of polling.
+        self.redis.config_set("notify-keyspace-events", "KA")
+        self._changes = self.redis.pubsub(ignore_subscribe_messages=True)
+        self._changes.psubscribe(f"__keyspace@*__:{PREFIX}*")
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.ws_url = f"ws://127.0.0.1:{port}/v1/stream"
-        self.http_url = f"http://127.0.0.1:{port}"
 
     def engines(self) -> list[int]:
         return sorted(int(p) for p in self.redis.smembers(f"{PREFIX}engines") if alive(int(p)))
@@ -68,13 +70,9 @@ class Cluster:
     def streams(self, pid: int) -> int:
         return int(self.redis.scard(f"{PREFIX}engine:{pid}"))
 
-    def ready(self) -> bool:
-        """A gateway answers /readyz with its engine ready."""
-        try:
-            with urllib.request.urlopen(self.http_url + "/readyz", timeout=2) as r:
-                return bool(json.load(r)["ready"])
-        except OSError:
-            return False
+    def changed(self, timeout: float) -> None:
+        """Until the next change to the cluster's keys in Redis, or `timeout` seconds."""
+        self._changes.get_message(timeout=timeout)
 
     def abandoned(self) -> list[float]:
         """When engines stopped streams whose gateway was gone (epoch seconds)."""
@@ -187,7 +185,7 @@ def test_one_metrics_view_across_replicas(cluster: Cluster) -> None:
             and len(samples(text, "ray_vibecast_gateway_sessions_active")) == 2
         )
 
-    wait_until(complete, 30.0)
+    wait_until(cluster, complete, 30.0)
     text = scrape()
     assert len(samples(text, "ray_vibecast_engine_streams")) == 2
 
@@ -221,6 +219,7 @@ def test_an_engine_killed_mid_session_loses_no_audio(cluster: Cluster) -> None:
 
     # No stream outlives its session, and Serve puts a new engine in the dead one's place.
     took = wait_until(
+        cluster,
         lambda: (
             len(cluster.engines()) == 2 and not any(cluster.streams(p) for p in cluster.engines())
         ),
@@ -230,17 +229,21 @@ def test_an_engine_killed_mid_session_loses_no_audio(cluster: Cluster) -> None:
     assert killed not in cluster.engines()
 
 
-def wait_until(check: Any, seconds: float) -> float:
-    """Seconds until `check()` held (polling every 50 ms), or raise after `seconds`."""
+def wait_until(cluster: Cluster, check: Any, seconds: float) -> float:
+    """Seconds until `check()` held, looking again at each change of the cluster's state in
+    Redis (every replica stamps it at least once a second), or raise after `seconds`."""
     start = time.monotonic()
     while not check():
-        if time.monotonic() - start > seconds:
+        left = seconds - (time.monotonic() - start)
+        if left <= 0:
             raise AssertionError(f"not within {seconds} s")
-        time.sleep(0.05)
+        cluster.changed(left)
     return time.monotonic() - start
 
 
-async def resumed(url: str, session_id: str, token: str, last_seq: int) -> list[Any]:
+async def resumed(
+    cluster: Cluster, url: str, session_id: str, token: str, last_seq: int
+) -> list[Any]:
     """The rest of a session after its gateway died: reconnect (the proxy may still send the
     first tries to the dead replica) and resume with the token and the last seq."""
     for _ in range(100):
@@ -251,7 +254,8 @@ async def resumed(url: str, session_id: str, token: str, last_seq: int) -> list[
         except (OSError, ConnectionClosed, ServerError) as e:
             if isinstance(e, ServerError) and e.code != "internal":
                 raise
-            await asyncio.sleep(0.1)  # a retry's pace, not a synchronisation
+            # The proxy still had the dead replica: try again once the cluster has moved.
+            await asyncio.to_thread(cluster.changed, 5.0)
     else:
         raise AssertionError("no gateway took the resume")
     async with client:
@@ -290,7 +294,7 @@ def test_a_killed_gateways_sessions_resume_on_another(cluster: Cluster) -> None:
             end = max(i for i, x in enumerate(m) if isinstance(x, Audio))
             last = m[end].seq
             del m[end + 1 :]
-            m += await resumed(cluster.ws_url, r.session_id, r.resume_token, last)
+            m += await resumed(cluster, cluster.ws_url, r.session_id, r.resume_token, last)
         return msgs, busiest
 
     results, killed = asyncio.run(kill_mid_session())
@@ -316,7 +320,7 @@ def test_over_capacity_sessions_wait_in_one_line_across_gateways(cluster: Cluste
     refusal at once."""
 
     # Sessions of a gateway killed by an earlier test count until their entries expire.
-    wait_until(lambda: cluster.store.running() == 0, 10.0)
+    wait_until(cluster, lambda: cluster.store.running() == 0, 10.0)
 
     async def scenario() -> tuple[list[list[int]], list[int], str]:
         positions: list[list[int]] = []
@@ -417,4 +421,4 @@ def test_a_gateway_scaled_down_finishes_its_sessions(cluster: Cluster, redis_url
         assert seqs == list(range(len(seqs)))
         assert [m.turn for m in msgs if isinstance(m, TurnEnd)] == list(range(len(SCRIPT)))
         assert sum(isinstance(m, Done) for m in msgs) == 1
-    wait_until(lambda: len(cluster.gateways()) == 1, 30.0)  # the drained one is gone
+    wait_until(cluster, lambda: len(cluster.gateways()) == 1, 30.0)  # the drained one is gone
