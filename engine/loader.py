@@ -13,10 +13,11 @@ def load_backend(
     dtype: str = "auto",
     voices: str | None = None,
     slots: int | None = None,
-    steps: int = 10,
+    steps: int = 0,
     window: int | None = None,
 ) -> Backend:
-    """'piper' (default voice), a Piper .onnx file, or a VibeVoice directory or hub id."""
+    """'piper' (default voice), a Piper .onnx file, or a VibeVoice directory or hub id (1.5B,
+    7B, or Realtime-0.5B, told apart by its config.json)."""
     if model == "piper":
         from .piper_voice import PiperBackend
 
@@ -30,6 +31,12 @@ def load_backend(
                 f"--model {model}: a Piper voice needs both {path.name} and {path.name}.json"
             )
         return PiperBackend(path)
+    from .vibevoice.weights import is_realtime
+
+    if is_realtime(model):
+        from .vibevoice.realtime_backend import RealtimeBackend
+
+        return RealtimeBackend.load(model, device, dtype, voices, slots, steps or 5, window)
     from .vibevoice.backend import VibeVoiceBackend
 
-    return VibeVoiceBackend.load(model, device, dtype, voices, slots, steps, window)
+    return VibeVoiceBackend.load(model, device, dtype, voices, slots, steps or 10, window)

@@ -8,7 +8,15 @@ async with await Client.connect("ws://127.0.0.1:8000/v1/stream") as client:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any
 
 import websockets
@@ -30,6 +38,7 @@ from .messages import (
     ServerMessage,
     SpeakerSpec,
     Start,
+    Text,
     TurnSpec,
     Unknown,
     parse_server,
@@ -68,6 +77,9 @@ def _turn(t: TurnSpec | Mapping[str, Any]) -> TurnSpec:
 class Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        self.turns = 0
+        """Turns of the session's script sent so far (from `ready` on, counting each append's),
+        an open one included: the next turn appended is turn `turns`."""
 
     @classmethod
     async def connect(
@@ -119,22 +131,18 @@ class Client:
         """Send `start` and wait for `ready` (reporting `queued` updates on the way)."""
         fmt = FormatSpec(**format) if isinstance(format, Mapping) else format
         opts = Options(**options) if isinstance(options, Mapping) else options
-        await self.send(
-            Start(
-                [_speaker(s) for s in speakers],
-                [_turn(t) for t in turns],
-                more,
-                fmt,
-                opts,
-                request_id,
-            )
-        )
-        return await self._until_ready(on_queued)
+        specs = [_turn(t) for t in turns]
+        await self.send(Start([_speaker(s) for s in speakers], specs, more, fmt, opts, request_id))
+        ready = await self._until_ready(on_queued)
+        self.turns = ready.turns if ready.turns is not None else len(specs)
+        return ready
 
     async def resume(self, session_id: str, resume_token: str, last_seq: int) -> Ready:
         """Continue a session after a dropped socket; messages after `last_seq` follow `ready`."""
         await self.send(Resume(session_id, resume_token, last_seq))
-        return await self._until_ready(None)
+        ready = await self._until_ready(None)
+        self.turns = ready.turns or 0
+        return ready
 
     async def _until_ready(self, on_queued: Callable[[Queued], Any] | None) -> Ready:
         while True:
@@ -151,7 +159,42 @@ class Client:
     async def append(
         self, turns: Sequence[TurnSpec | Mapping[str, Any]], more: bool = False
     ) -> None:
-        await self.send(Append([_turn(t) for t in turns], more))
+        specs = [_turn(t) for t in turns]
+        await self.send(Append(specs, more))
+        self.turns += len(specs)
+
+    async def stream_text(
+        self,
+        pieces: AsyncIterable[str] | Iterable[str],
+        speaker: int = 0,
+        more: bool = True,
+    ) -> int:
+        """Speak text as it is produced (an LLM's reply, say): open a turn for `speaker` with an
+        `append`, send each piece in a `text` message as it comes, then `final: true`; returns
+        the turn's index. The session must have been started with `more: true`. `more`: turns
+        may follow this one (False: the script ends with it).
+
+        Pieces are joined exactly as given (split anywhere, mid-word too). Nothing answers a
+        piece unless it is refused: errors arrive among the messages the caller reads, which it
+        should be doing meanwhile (audio comes while the text still does). The turn is ended
+        even when `pieces` raises, so what came is spoken and the script can go on."""
+        turn = self.turns
+        await self.append([TurnSpec(speaker, "", stream=True)], more)
+        try:
+            if isinstance(pieces, AsyncIterable):
+                async for piece in pieces:
+                    await self._piece(turn, piece)
+            else:
+                for piece in pieces:
+                    await self._piece(turn, piece)
+        finally:
+            if self.ws.close_code is None:
+                await self.send(Text(turn, "", final=True))
+        return turn
+
+    async def _piece(self, turn: int, piece: str) -> None:
+        if piece:  # an empty piece says nothing, and only a final one may be empty
+            await self.send(Text(turn, piece))
 
     async def playback(self, played_ms: int) -> None:
         await self.send(Playback(int(played_ms)))

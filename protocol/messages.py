@@ -121,6 +121,9 @@ class SpeakerSpec:
 class TurnSpec:
     speaker: int
     text: str
+    stream: bool | None = None
+    """True: the turn is open, `text` is only its beginning and `text` messages carry the rest
+    (None, the same as False, keeps the field off the wire)."""
 
 
 @dataclass
@@ -157,6 +160,17 @@ class Append(Message):
     type: ClassVar[str] = "append"
     turns: list[TurnSpec]
     more: bool = False
+
+
+@dataclass
+class Text(Message):
+    """More text of the open turn (one opened with `stream: true`); `final`: its text is
+    complete."""
+
+    type: ClassVar[str] = "text"
+    turn: int
+    text: str
+    final: bool = False
 
 
 @dataclass
@@ -215,6 +229,7 @@ class TurnStart(Message):
     speaker: int
     text: str
     pts: int
+    streamed: bool | None = None  # a turn whose text streamed in: `text` is what was known then
 
 
 @dataclass
@@ -234,6 +249,7 @@ class TurnEnd(Message):
     turn: int
     samples: int
     capped: bool | None = None  # the turn reached its length cap before the model ended it
+    text: str | None = None  # a streamed turn's complete text
 
 
 @dataclass
@@ -280,7 +296,7 @@ class Unknown:
     fields: dict[str, Any]
 
 
-ClientMessage = Start | Append | Playback | Cancel | Resume
+ClientMessage = Start | Append | Text | Playback | Cancel | Resume
 ServerMessage = (
     Ready | Queued | Appended | TurnStart | Audio | TurnEnd | Progress | Error | Cancelled | Done
 )
@@ -356,13 +372,15 @@ MAX_REQUEST_ID_CHARS = 200
 MAX_PLAYED_MS = 2**31 - 1  # ~24.8 days, far past any session; keeps the server's sums in range
 
 
-def _no_control(text: str, where: str, turn: int | None = None) -> None:
+def _no_control(text: str, where: str, turn: int | None = None, label: str | None = None) -> None:
+    """`label` (default: `where`) is how the message names the text."""
     found = _CONTROL.search(text)
     if found:
         raise ProtocolError(
             Code.BAD_FIELD,
-            f"{where} contains the control character U+{ord(found.group()):04X} at position "
-            f"{found.start()}; remove control characters (tabs and line breaks are fine).",
+            f"{label or where} contains the control character U+{ord(found.group()):04X} at "
+            f"position {found.start()}; remove control characters (tabs and line breaks are "
+            "fine).",
             field=where,
             turn=turn,
         )
@@ -395,8 +413,19 @@ def _turns(
                 field=f"{where}.speaker",
                 turn=first + i,
             )
+        stream = bool(_get(t, "stream", bool, where))
+        if stream and i != len(raw) - 1:
+            # One open turn at a time, and nothing after it: the turns after an open one would
+            # have to wait for text that has not come yet.
+            raise ProtocolError(
+                Code.BAD_FIELD,
+                f"{where}.stream is true, but only the last turn of a message may be open; "
+                "send the turns after it in an append once its text is final.",
+                field=f"{where}.stream",
+                turn=first + i,
+            )
         text = _get(t, "text", str, where, required=True)
-        if not text.strip():
+        if not stream and not text.strip():
             raise ProtocolError(
                 Code.BAD_FIELD,
                 f"{where}.text is empty; every turn needs something to say (drop the turn "
@@ -405,8 +434,24 @@ def _turns(
                 turn=first + i,
             )
         _no_control(text, f"{where}.text", first + i)
-        turns.append(TurnSpec(speaker, text))
+        turns.append(TurnSpec(speaker, text, True if stream else None))
     return turns
+
+
+def _text(m: dict[str, Any]) -> Text:
+    turn = _int_in(m, "turn", "text", 0, 2**31, required=True)
+    assert turn is not None
+    text = _get(m, "text", str, "text", required=True)
+    final = bool(_get(m, "final", bool, "text"))
+    if not text and not final:
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            f"text.text is empty for turn {turn}; send some text, or final: true to end the turn.",
+            field="text.text",
+            turn=turn,
+        )
+    _no_control(text, "text.text", turn, f"text.text (turn {turn})")
+    return Text(turn, text, final)
 
 
 def _more(obj: dict[str, Any]) -> bool:
@@ -514,6 +559,8 @@ def parse_client(
         return parse_start(m)
     if kind == "append":
         return Append(_turns(m, "", n_speakers, turns_before), _more(m))
+    if kind == "text":
+        return _text(m)
     if kind == "playback":
         played = _int_in(m, "played_ms", "", 0, MAX_PLAYED_MS, required=True)
         return Playback(played)  # type: ignore[arg-type]
@@ -527,7 +574,8 @@ def parse_client(
         )
     raise ProtocolError(
         Code.BAD_MESSAGE,
-        f"unknown message type {kind!r}; a client sends start, append, playback, cancel or resume.",
+        f"unknown message type {kind!r}; a client sends start, append, text, playback, cancel "
+        "or resume.",
         field="type",
     )
 

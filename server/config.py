@@ -44,8 +44,9 @@ class ServerConfig:
     voices: str | None = None
     """Directory of voice samples (name = file stem) for models that clone voices."""
     device: str = "auto"
-    diffusion_steps: int = 10
-    """VibeVoice: diffusion steps per frame, the same for every session (they share a batch)."""
+    diffusion_steps: int = 0
+    """VibeVoice: diffusion steps per frame, the same for every session (they share a batch);
+    0: the model's own default, 10 for 1.5B/7B, 5 for Realtime-0.5B (the reference demos')."""
     store_url: str | None = None
     """`redis://HOST:PORT/DB`: resume tokens, the ring of sent frames, the admission queue and
     the job table in Redis (server/redis_store.py), shared by the gateways of a cluster. None:

@@ -39,6 +39,7 @@ from ..protocol.messages import (
     Queued,
     Resume,
     Start,
+    Text,
     parse_client,
 )
 from .session import OutFrame, Session, State
@@ -341,15 +342,9 @@ class Connection:
                     if lead < 1000 and session.state is State.STREAMING:
                         self.hub.metrics.lead_low.inc()
                 elif isinstance(msg, Append):
-                    if session.feed.complete:
-                        raise ProtocolError(
-                            Code.BAD_MESSAGE,
-                            "append after the script was complete (more was false); start a new "
-                            "session for more turns.",
-                            field="more",
-                        )
-                    turns = self.hub.check_turns(msg.turns, session.feed.total, session.chars)
-                    await self.send(Appended(session.append(turns, msg.more)))
+                    await self._append(session, msg)
+                elif isinstance(msg, Text):
+                    self._text(session, msg)
                 else:
                     kind = "start" if isinstance(msg, Start) else "resume"
                     raise ProtocolError(
@@ -359,6 +354,75 @@ class Connection:
                     )
             except ProtocolError as e:
                 await self.send_error(e)
+
+    async def _append(self, session: Session, msg: Append) -> None:
+        feed = session.feed
+        opened = feed.open_turn
+        if not feed.more:
+            last = (
+                f"; turn {opened}, still open, is its last: send the rest of its text in text "
+                "messages"
+                if opened is not None
+                else ""
+            )
+            raise ProtocolError(
+                Code.BAD_MESSAGE,
+                f"append after the script was complete (more was false){last}; start a new "
+                "session for more turns.",
+                field="more",
+            )
+        if msg.turns and opened is not None:
+            raise ProtocolError(
+                Code.BAD_FIELD,
+                f"turn {opened} is still open; finish its text with "
+                f'{{type: "text", turn: {opened}, final: true}} first, then append the turns '
+                "after it.",
+                field="append.turns",
+                turn=opened,
+            )
+        turns = self.hub.check_turns(msg.turns, feed.total, session.chars)
+        open_last = bool(msg.turns) and bool(msg.turns[-1].stream)
+        await self.send(Appended(session.append(turns, msg.more, open_last)))
+
+    def _text(self, session: Session, msg: Text) -> None:
+        """A piece of the open turn's text: checked like the text of an appended turn, then
+        handed to the session (which wakes the engine). No reply unless it is refused."""
+        if not session.announced:
+            raise ProtocolError(
+                Code.NOT_STARTED,
+                "text before ready: the session is still waiting in the queue or opening; send "
+                "text once ready has come (a start's open turn may carry the first words).",
+                field="text.turn",
+                turn=msg.turn,
+            )
+        feed = session.feed
+        opened = feed.open_turn
+        got = feed.partial(msg.turn)
+        if msg.turn != opened or got is None:
+            if opened is not None:
+                why = f"turn {msg.turn} is not open; the open turn is {opened}"
+            elif msg.turn in session.streamed and got is not None and got[1]:
+                why = (
+                    f"turn {msg.turn}'s text is final already (final: true came); open a new turn "
+                    "with stream: true in an append for more text"
+                )
+            else:
+                why = (
+                    f"turn {msg.turn} is not open: no turn is; open one with stream: true on the "
+                    "last turn of a start or an append"
+                )
+            raise ProtocolError(Code.BAD_FIELD, why + ".", field="text.turn", turn=msg.turn)
+        before = got[0].text
+        if msg.final and not before.strip() and not msg.text.strip():
+            raise ProtocolError(
+                Code.BAD_FIELD,
+                f"text.text: turn {msg.turn} has nothing to say yet; send its words before "
+                "final: true.",
+                field="text.text",
+                turn=msg.turn,
+            )
+        self.hub.check_piece(before, msg.text, session.chars, msg.turn)
+        session.write(msg.turn, msg.text, msg.final)
 
     async def _tick(self, session: Session) -> None:
         """About once a second: progress, and the idle check for open scripts."""
@@ -379,14 +443,20 @@ class Connection:
                     lead_ms=lead,
                 )
             )
-            waiting = not session.feed.complete and c.turns_done >= session.feed.total
+            feed = session.feed
+            opened = feed.open_turn
+            final = feed.total - (opened is not None)  # an open turn waits for its text
+            waiting = not feed.complete and c.turns_done >= final
             idle_s = time.monotonic() - session.touched
             if waiting and idle_s > self.limits.idle_timeout_s:
+                limit = f"{self.limits.idle_timeout_s:.0f} s (limits.idle_timeout_s)"
                 session.fail(
                     Code.IDLE_TIMEOUT,
-                    f"the script is open (more: true) but no append came for "
-                    f"{self.limits.idle_timeout_s:.0f} s (limits.idle_timeout_s); send append "
-                    "with more: false to finish a script.",
+                    f"turn {opened} is open (stream: true) but no text came for {limit}; send "
+                    "its text as it comes, and final: true to end it."
+                    if opened is not None
+                    else f"the script is open (more: true) but no append came for {limit}; "
+                    "send append with more: false to finish a script.",
                 )
 
 

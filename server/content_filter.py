@@ -38,12 +38,18 @@ HOOK_SETTING = "content_filter_hook"
 # the bound also keeps the recursion that builds the word pattern shallow.
 MAX_ENTRY_CHARS = 200
 MAX_REASON_CHARS = 200  # of a hook's reason, as quoted back to the client
+# How much of a streamed turn's text before a piece is checked with it: several times the longest
+# listed entry, so a word or phrase split across pieces is found when its last piece comes, while
+# a turn sent one character at a time costs the filter a bounded amount per piece, not the whole
+# text again each time.
+STREAM_CONTEXT_CHARS = 1000
 
 Hook = Callable[[str], str | None]
 _Trie = dict[str, "_Trie"]  # one character -> the entries' rest; key _END: an entry ends here
 
 _END = ""  # a real key is always one character
 _WORD_CHAR = re.compile(r"\w")
+_SPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -136,11 +142,37 @@ class ContentFilter:
             label = field if first == 0 else f"{field} (turn {first + i} of the script)"
             self.check_text(t.text, field, first + i, label)
 
+    def check_piece(self, before: str, piece: str, turn: int) -> None:
+        """Raise content_rejected when the filter refuses `piece`, the next piece of streamed turn
+        `turn`'s text, in the context of the text before it (`before`): its last
+        STREAM_CONTEXT_CHARS, from the start of a word, so the hook sees whole words and a word
+        split across pieces is found whole. The same rules as a turn's text; a match that ends
+        where the piece ends counts, even if the next piece would have gone on with the word."""
+        if not self.enabled or not piece:
+            return
+        start = max(0, len(before) - STREAM_CONTEXT_CHARS)
+        if start:
+            space = _SPACE.search(before, start)
+            if space is not None:
+                start = space.end()
+        self.check_text(
+            before[start:] + piece,
+            "text.text",
+            turn,
+            f"text.text (turn {turn})",
+            "this piece was not added; send it rephrased (the turn's text before it stays)",
+        )
+
     def check_text(
-        self, text: str, field: str, turn: int | None = None, label: str | None = None
+        self,
+        text: str,
+        field: str,
+        turn: int | None = None,
+        label: str | None = None,
+        fix: str = "rephrase that line",
     ) -> None:
         """Raise content_rejected when the filter refuses `text`; `field` and `turn` go into the
-        error, `label` (default: `field`) is how its message names the text."""
+        error, `label` (default: `field`) is how its message names the text, `fix` what to do."""
         label = label or field
         try:
             verdict = self._verdict(text)
@@ -161,7 +193,7 @@ class ContentFilter:
         log.info("content_rejected %s turn=%s by %s", field, turn, rule)
         raise ProtocolError(
             Code.CONTENT_REJECTED,
-            f"{label} {phrase}; rephrase that line.",
+            f"{label} {phrase}; {fix}.",
             field=field,
             turn=turn,
         )

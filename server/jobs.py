@@ -75,6 +75,15 @@ def parse_job(body: dict[str, Any]) -> Start:
             "more: a job's script is whole when it is submitted; leave more out.",
             field="more",
         )
+    if start.turns and start.turns[-1].stream:
+        i = len(start.turns) - 1
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            f"turns[{i}].stream: a job's script is whole when it is submitted, so its text cannot "
+            "stream in; send the turn's whole text and leave stream out.",
+            field=f"turns[{i}].stream",
+            turn=i,
+        )
     if start.options is not None and start.options.from_turn:
         raise ProtocolError(
             Code.BAD_FIELD,

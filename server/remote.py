@@ -137,8 +137,9 @@ class RemoteRunner:
     # -- the reading thread ---------------------------------------------------------------------
 
     def _forward(self) -> None:
-        """Pass turns appended to the session's script on to the engines."""
-        n = self._feed.total
+        """Pass turns appended to the session's script on to the engines, each once it is final
+        (a turn whose text streams in is spoken here once its text is complete)."""
+        n = len(self._feed.known())  # an open turn is not known yet: it is passed on when final
         while True:
             turn = self._feed.get(n)  # waits for turn n, or for the script's end
             with self._lock:

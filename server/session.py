@@ -89,6 +89,10 @@ class SessionSpec:
     from_turn: int = 0
     """Send audio from this turn on; the turns before it are made (or replayed from the turn
     cache) for the context, and not sent."""
+    opened: Turn | None = None
+    """The turn after `turns` that the start opened (`stream: true`): its text so far, which
+    grows with `text` messages. Not in `turns`, which are final (the turn cache looks them up,
+    the backend checks them when the session opens)."""
 
 
 @dataclass
@@ -185,7 +189,9 @@ class Session:
         self.outcome: Outcome | None = None
         self.error: Error | None = None  # the fatal error of a FAILED session
         self.counters = Counters()
-        self.feed = TurnFeed(spec.turns, spec.more)
+        opened = [] if spec.opened is None else [spec.opened]
+        self.feed = TurnFeed([*spec.turns, *opened], spec.more, open_last=bool(opened))
+        self.streamed = {t.index for t in opened}  # turns whose text streamed in (`text`)
         self.output = AudioOutput(spec.format, backend.sample_rate)
         self.engine_session: Any = None
         self._entry: Entry | None = None
@@ -202,8 +208,8 @@ class Session:
         self.epoch = 0  # bumped by each connection that attaches; older writers stop
         self.announced = False  # `ready` (with the resume token) went out: resume is possible
         self.delivered = False  # the terminal message reached a socket
-        self.touched = time.monotonic()  # last start or append with turns, for the idle check
-        self.chars = sum(len(t.text) for t in spec.turns)
+        self.touched = time.monotonic()  # last start, append with turns or text: the idle check
+        self.chars = sum(len(t.text) for t in [*spec.turns, *opened])
         self.paused = False  # the engine loop holds it for the client (flow control)
         # The turn cache: the turns found for the start of the script (replayed before the
         # engine takes over), the chain of keys, and the audio of the turn being made.
@@ -263,7 +269,12 @@ class Session:
         return Ready(
             session_id=self.id,
             resume_token=self.token,
-            model={"name": model_name, "sample_rate": self.backend.sample_rate},
+            model={
+                "name": model_name,
+                "sample_rate": self.backend.sample_rate,
+                # True: the backend speaks an open turn's text as it arrives; False: once final.
+                "text_streaming": bool(getattr(self.backend, "streams_text", False)),
+            },
             format=self.output.format_info(),
             speakers=[
                 {"index": i, "name": s.name, "voice": s.voice_id or "upload"}
@@ -394,15 +405,40 @@ class Session:
             self.scheduler.call(self._runner.park)  # on a GPU: its caches go to host memory
         self.scheduler.wake()
 
-    def append(self, turns: list[Turn], more: bool) -> int:
-        """Add turns (ProtocolError names one the model cannot speak; then none is added)."""
-        self.backend.check_turns(self.engine_session, turns)
+    def append(self, turns: list[Turn], more: bool, open_last: bool = False) -> int:
+        """Add turns (ProtocolError names one the model cannot speak; then none is added);
+        `open_last`: the last of them is open, its text comes in `text` messages."""
+        final = turns[:-1] if open_last else turns  # an open turn is checked once it is final
+        self.backend.check_turns(self.engine_session, final)
         self.chars += sum(len(t.text) for t in turns)
         if turns:  # an empty append is not activity: it must not keep an open script alive
             self.touched = time.monotonic()
-        total = self.feed.add(turns, more)
+        if open_last:
+            self.streamed.add(turns[-1].index)
+        total = self.feed.add(turns, more, open_last)
         self.scheduler.wake()
         return total
+
+    def write(self, index: int, piece: str, final: bool) -> None:
+        """More text of the open turn `index`, which the server has checked (the turn is open,
+        the piece within the limits and the content filter). Final, the turn goes to the
+        backend's check as an appended one does; one it refuses ends the session with that
+        error (some of its text may have been spoken already by a backend that streams text,
+        and text sent cannot be taken back)."""
+        if final:
+            got = self.feed.partial(index)
+            assert got is not None
+            turn = got[0]
+            whole = Turn(index, turn.speaker, (turn.text + piece).strip())
+            try:
+                self.backend.check_turns(self.engine_session, [whole])
+            except ProtocolError as e:
+                self.conclude(Outcome.FAILED, Error(e.code, e.message, True, index, "text.text"))
+                return
+        self.chars += len(piece)
+        self.touched = time.monotonic()
+        self.feed.write(index, piece, final)
+        self.scheduler.wake()  # the engine may wait for this turn (or, streaming, its text)
 
     def playback(self, played_ms: int) -> None:
         self.counters.played_ms = played_ms
@@ -567,6 +603,8 @@ class Session:
                 t = event.turn
                 self._pcm = []
                 start = out.turn_start(t.index, t.speaker, t.text)
+                if t.index in self.streamed:
+                    start.streamed = True  # its text is what was known when it started
                 c = self.going_on
                 if c is not None and c.started and t.index == c.turn:
                     out.go_on_in_turn(c.turn_pts, c.skip)  # its start went out before
@@ -594,6 +632,9 @@ class Session:
                     self._send_audio(msg)
                 if event.capped:
                     end.capped = True
+                if event.turn in self.streamed:
+                    whole = self.feed.partial(event.turn)
+                    end.text = None if whole is None else whole[0].text
                 self._post(end)
                 self.counters.turns_done += 1
                 self._last_turn, self._closed_as_last = event.turn, last

@@ -96,7 +96,8 @@ class Sessions:
 
     def check_turns(self, turns: list[TurnSpec], before: int, chars_before: int) -> list[Turn]:
         """Turns numbered after `before`, or too_long naming the turn that crosses a limit, or
-        content_rejected naming the first turn the content filter refuses."""
+        content_rejected naming the first turn the content filter refuses. The text of an open
+        turn (`stream`, always the last) is kept as sent: more of it follows."""
         lim = self.limits
         if before + len(turns) > lim.max_turns:
             raise ProtocolError(
@@ -106,33 +107,62 @@ class Sessions:
                 field="turns",
                 turn=lim.max_turns,
             )
-        rate = self.backend.seconds_per_char()
         chars = chars_before
         for i, t in enumerate(turns):
             chars += len(t.text)
-            if chars > lim.max_chars:
-                raise ProtocolError(
-                    Code.TOO_LONG,
-                    f"turns[{i}] takes the script to {chars} characters; this server allows "
-                    f"{lim.max_chars} (limits.max_chars). Split it into several sessions.",
-                    field=f"turns[{i}].text",
-                    turn=before + i,
-                )
-            if chars * rate > lim.max_audio_s:
-                raise ProtocolError(
-                    Code.TOO_LONG,
-                    f"turns[{i}] takes the script to about {chars * rate / 60:.0f} minutes of "
-                    "audio; "
-                    f"this server allows {lim.max_audio_s / 60:.0f} (limits.max_audio_s). Split it "
-                    "into several sessions.",
-                    field=f"turns[{i}].text",
-                    turn=before + i,
-                )
+            self._check_size(chars, f"turns[{i}]", f"turns[{i}].text", before + i)
         # After the limits, which bound the filter's work; before any voice decoding, engine work
         # or admission (start and append both come through here), so a refused turn never
         # produces audio.
         self.content_filter.check(turns, before)
-        return [Turn(before + i, t.speaker, t.text.strip()) for i, t in enumerate(turns)]
+        return [
+            Turn(before + i, t.speaker, t.text if t.stream else t.text.strip())
+            for i, t in enumerate(turns)
+        ]
+
+    def check_piece(self, before: str, piece: str, chars_before: int, turn: int) -> None:
+        """A `text` piece of open turn `turn`, whose text so far is `before`: too_long when it
+        takes the script past a limit, content_rejected when the content filter refuses it in
+        the context of the text before it. Either way the piece is not added (as an over-long
+        or refused append adds no turn) and the turn stays open."""
+        label = f"text.text (turn {turn})"
+        self._check_size(
+            chars_before + len(piece),
+            label,
+            "text.text",
+            turn,
+            "This piece was not added; end the turn with final: true, and go on in a new session.",
+        )
+        self.content_filter.check_piece(before, piece, turn)
+
+    def _check_size(
+        self,
+        chars: int,
+        label: str,
+        field: str,
+        turn: int,
+        fix: str = "Split it into several sessions.",
+    ) -> None:
+        """too_long naming `label` when `chars` characters of script pass max_chars or (by the
+        backend's estimate) max_audio_s."""
+        lim = self.limits
+        if chars > lim.max_chars:
+            raise ProtocolError(
+                Code.TOO_LONG,
+                f"{label} takes the script to {chars} characters; this server allows "
+                f"{lim.max_chars} (limits.max_chars). {fix}",
+                field=field,
+                turn=turn,
+            )
+        rate = self.backend.seconds_per_char()
+        if chars * rate > lim.max_audio_s:
+            raise ProtocolError(
+                Code.TOO_LONG,
+                f"{label} takes the script to about {chars * rate / 60:.0f} minutes of audio; "
+                f"this server allows {lim.max_audio_s / 60:.0f} (limits.max_audio_s). {fix}",
+                field=field,
+                turn=turn,
+            )
 
     async def validate(self, start: Start, client: str) -> SessionSpec:
         """Check a `start` against this server's limits and voices; decode uploaded voices."""
@@ -145,6 +175,8 @@ class Sessions:
                 field="speakers",
             )
         turns = self.check_turns(start.turns, 0, 0)
+        # An open turn is the last; the engine sees it once its text is final (engine/pipeline.py).
+        opened = turns.pop() if start.turns and start.turns[-1].stream else None
         speakers = []
         loop = asyncio.get_running_loop()
         for i, s in enumerate(start.speakers):
@@ -182,11 +214,12 @@ class Sessions:
         )
         o = start.options
         from_turn = o.from_turn if o and o.from_turn is not None else 0
-        if from_turn and from_turn >= len(turns):
+        n = len(start.turns)
+        if from_turn and from_turn >= n:
             raise ProtocolError(
                 Code.BAD_FIELD,
-                f"options.from_turn is {from_turn}, but the script has {len(turns)} turns "
-                f"(0 .. {len(turns) - 1}); send a turn index of this start's turns.",
+                f"options.from_turn is {from_turn}, but the script has {n} turns "
+                f"(0 .. {n - 1}); send a turn index of this start's turns.",
                 field="options.from_turn",
             )
         params = SynthesisParams(
@@ -200,7 +233,7 @@ class Sessions:
         )
         self.backend.check_params(params)
         return SessionSpec(
-            speakers, turns, start.more, fmt, params, start.request_id, client, from_turn
+            speakers, turns, start.more, fmt, params, start.request_id, client, from_turn, opened
         )
 
     def check_rate(self, client: str) -> None:

@@ -59,12 +59,14 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-def open_page(browser, live, fallback: bool, viewport=(1280, 800)):
+def open_page(browser, live, fallback: bool, viewport=(1280, 800), init: str | None = None):
     page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     if fallback:
         page.add_init_script("delete window.AudioDecoder; delete window.AudioEncoder;")
+    if init is not None:
+        page.add_init_script(init)
     page.goto(live.http_url + "/")
     page.wait_for_function("window.vibecast && window.vibecast.ready", timeout=30000)
     return page, errors
@@ -270,4 +272,90 @@ def test_an_edited_script_plays_from_the_changed_line(browser, drafting) -> None
     assert edited["from_turn"] == 3 and edited["highlighted"] == [3]
     assert page.locator('[data-testid="status"]').inner_text() == "done"
     assert errors == []
+    page.close()
+
+
+# Every frame the page sends on its WebSockets, as bytes, for the test to decode.
+RECORD_SENT = """
+window.sentFrames = [];
+const send = WebSocket.prototype.send;
+WebSocket.prototype.send = function (data) {
+  window.sentFrames.push(Array.from(new Uint8Array(data)));  // a copy of the bytes sent
+  return send.call(this, data);
+};
+"""
+
+
+def sent(page) -> list[dict[str, Any]]:
+    import msgpack
+
+    return [msgpack.unpackb(bytes(f)) for f in page.evaluate("window.sentFrames")]
+
+
+def test_type_while_it_speaks(browser, live, artifacts: Path) -> None:
+    page, errors = open_page(browser, live, fallback=False, init=RECORD_SENT)
+    page.check('[data-testid="typing-mode"]')
+    assert page.locator('[data-testid="script"]').is_hidden()
+    assert page.locator('[data-testid="play"]').is_disabled()
+    page.select_option('[data-testid="typing-speaker"]', "1")  # Speaker 2
+    line = "Hello there, this line was typed while the page listened."
+    page.click('[data-testid="typing-input"]')
+    page.keyboard.type(line)
+    # Each finished word went out as it was typed (those typed before `ready` once it came); the
+    # last one waits for Enter.
+    page.wait_for_function("window.vibecast.stats.text_streaming !== null", timeout=30000)
+    frames = sent(page)
+    assert frames[0]["type"] == "start"
+    assert frames[0]["turns"] == [{"speaker": 1, "text": "", "stream": True}]
+    assert frames[0]["more"] is True and len(frames[0]["speakers"]) == 4
+    pieces = [f for f in frames if f["type"] == "text"]
+    assert len(pieces) == len(line.split()) - 1  # a word at a time
+    assert all(f["turn"] == 0 and not f["final"] for f in pieces)
+    assert "".join(f["text"] for f in pieces) == line.rsplit(" ", 1)[0] + " "
+    assert page.input_value('[data-testid="typing-input"]') == "listened."
+    note = page.locator('[data-testid="typing-note"]').inner_text()
+    assert "speaks each line when you press Enter" in note  # Piper: text_streaming false
+
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        f"window.vibecast.stats.typed[0]?.spoken === {line!r}"
+        " && window.vibecast.stats.played_samples > 48000",
+        timeout=60000,
+    )
+    pieces = [f for f in sent(page) if f["type"] == "text"]
+    assert pieces[-1] == {"type": "text", "turn": 0, "text": "listened.", "final": True}
+    assert page.locator('[data-testid="turn-0"]').inner_text().endswith(line)
+    page.screenshot(path=str(artifacts / "web_demo_typing.png"))
+
+    # The next key opens the next line, for another speaker, in the same session.
+    page.select_option('[data-testid="typing-speaker"]', "0")
+    second = "And a second voice answers."
+    page.keyboard.type(second)
+    page.click('[data-testid="typing-end"]')
+    page.wait_for_function(
+        f"window.vibecast.stats.typed[1]?.spoken === {second!r}"
+        " && window.vibecast.stats.highlighted.includes(1)",
+        timeout=60000,
+    )
+    appended = [f for f in sent(page) if f["type"] == "append"]
+    assert appended == [
+        {"type": "append", "turns": [{"speaker": 0, "text": "", "stream": True}], "more": True}
+    ]
+    s = stats(page)
+    assert s["highlighted"] == [0, 1] and s["error"] is None
+    assert s["underruns"] == 0, f"underruns at {s['underrun_at']}"  # the pause is no underrun
+    page.click('[data-testid="stop"]')
+    page.wait_for_function("window.vibecast.stats.state === 'stopped'", timeout=30000)
+    assert errors == []
+    page.close()
+
+
+def test_leaving_typing_mode_keeps_the_script_mode_as_it_was(browser, live) -> None:
+    page, errors = open_page(browser, live, fallback=False)
+    page.check('[data-testid="typing-mode"]')
+    page.uncheck('[data-testid="typing-mode"]')
+    page.fill('[data-testid="script"]', "Speaker 1: Back to the script.")
+    assert page.locator('[data-testid="play"]').is_enabled()
+    s = play_to_the_end(page)
+    assert s["highlighted"] == [0] and s["error"] is None and errors == []
     page.close()

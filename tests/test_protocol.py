@@ -18,11 +18,15 @@ from vibecast.protocol import (
     parse_client,
     parse_server,
 )
-from vibecast.protocol.messages import Unknown
+from vibecast.protocol.messages import Text, TurnEnd, TurnStart, Unknown
 
 
 def pack(**m) -> bytes:
     return msgpack.packb(m, use_bin_type=True)
+
+
+def ok_turn() -> dict:
+    return {"speaker": 0, "text": "Hi."}
 
 
 def ok_start(**over):
@@ -100,6 +104,34 @@ def test_start_round_trip_with_every_field() -> None:
         (pack(type="playback", played_ms=-5), "bad_field", "played_ms"),
         (pack(type="resume", session_id="s", resume_token="t"), "bad_field", "last_seq"),
         (pack(type="append", turns="nope"), "bad_field", "turns"),
+        (pack(type="text", text="Hi"), "bad_field", "text.turn"),
+        (pack(type="text", turn=-1, text="Hi"), "bad_field", "text.turn"),
+        (pack(type="text", turn=True, text="Hi"), "bad_field", "text.turn"),
+        (pack(type="text", turn=0), "bad_field", "text.text"),
+        (pack(type="text", turn=0, text=5), "bad_field", "text.text"),
+        (pack(type="text", turn=0, text=""), "bad_field", "text.text"),
+        (pack(type="text", turn=0, text="Hi", final="yes"), "bad_field", "text.final"),
+        (pack(type="text", turn=0, text="a\x00b"), "bad_field", "text.text"),
+        (
+            pack(**ok_start(turns=[{"speaker": 0, "text": "", "stream": True}, ok_turn()])),
+            "bad_field",
+            "turns[0].stream",
+        ),
+        (
+            pack(**ok_start(turns=[{"speaker": 0, "text": "x", "stream": "yes"}])),
+            "bad_field",
+            "turns[0].stream",
+        ),
+        (
+            pack(**ok_start(turns=[{"speaker": 0, "text": "", "stream": False}])),
+            "bad_field",
+            "turns[0].text",
+        ),
+        (
+            pack(**ok_start(turns=[{"speaker": 0, "text": "\x1b[2J", "stream": True}])),
+            "bad_field",
+            "turns[0].text",
+        ),
     ],
 )
 def test_bad_client_frames(frame: bytes, code: str, field: str | None) -> None:
@@ -146,3 +178,39 @@ def test_optional_fields_are_left_out_not_nil() -> None:
     assert "request_id" not in ready.to_dict()
     audio = Audio(0, 0, 0, 960, packets=[b"x"]).to_dict()
     assert "pcm" not in audio and isinstance(audio["packets"][0], bytes)
+
+
+def test_a_turn_may_open_with_stream_and_text_messages_carry_the_rest() -> None:
+    frame = pack(**ok_start(turns=[ok_turn(), {"speaker": 0, "text": "", "stream": True}]))
+    start = parse_client(frame)
+    assert isinstance(start, Start)
+    assert [t.stream for t in start.turns] == [None, True] and start.turns[1].text == ""
+    assert "stream" not in start.to_dict()["turns"][0]  # left off the wire unless true
+    assert parse_client(start.pack()) == start
+    # An append may open one too; its text so far may be blank: more of it follows.
+    append = parse_client(pack(type="append", turns=[{"speaker": 0, "text": " ", "stream": True}]))
+    assert isinstance(append, Append) and append.turns[0].stream is True
+
+    assert parse_client(pack(type="text", turn=3, text="mid-wo")) == Text(3, "mid-wo", False)
+    final = parse_client(pack(type="text", turn=3, text="", final=True))
+    assert final == Text(3, "", True)  # empty only with final
+    assert parse_client(Text(7, "rd.\tand\n more", True).pack()) == Text(7, "rd.\tand\n more", True)
+
+
+def test_a_bad_text_piece_names_its_turn() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_client(pack(type="text", turn=4, text="ok\x07"))
+    assert (info.value.field, info.value.turn) == ("text.text", 4)
+    assert info.value.message.startswith("text.text (turn 4) contains the control character U+0007")
+    with pytest.raises(ProtocolError) as info:
+        parse_client(pack(type="unheard"))
+    assert "text" in info.value.message  # the list of what a client sends
+
+
+def test_streamed_turn_fields_of_server_messages() -> None:
+    start = TurnStart(2, 1, "Hello th", 960, streamed=True)
+    assert parse_server(start.pack()) == start
+    end = TurnEnd(2, 4800, text="Hello there.")
+    assert parse_server(end.pack()) == end
+    plain = TurnStart(0, 0, "Hi.", 0).to_dict()
+    assert "streamed" not in plain and "text" not in TurnEnd(0, 960).to_dict()

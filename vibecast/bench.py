@@ -257,7 +257,7 @@ def run_bench(args: Any) -> int:
         },
         "dialogue": dialogue,
     }
-    if is_vibevoice:
+    if is_vibevoice and not getattr(backend, "streams_text", False):  # Realtime: --stream-text
         result["frame"] = frame_times(backend)
     _print(result)
     if args.json:

@@ -1,4 +1,4 @@
-"""The `vibecast` command: serve, say, bench, synth."""
+"""The `vibecast` command: serve, cluster, say, bench, synth, voices."""
 
 from __future__ import annotations
 
@@ -244,6 +244,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench.add_argument("--steps", type=int, default=10, help="VibeVoice: diffusion steps per frame")
     bench.add_argument(
+        "--stream-text",
+        action="store_true",
+        help="instead, VibeVoice-Realtime: a turn whose text arrives word by word (at each "
+        "--words-per-s): first audio after the first word, each word's lag to its audio, and "
+        "the batched steps' times",
+    )
+    bench.add_argument(
+        "--words-per-s",
+        type=float,
+        nargs="+",
+        default=[20.0, 2.0],
+        metavar="R",
+        help="with --stream-text: how fast the words arrive (default: 20, faster than speech, "
+        "and 2, slower)",
+    )
+    bench.add_argument(
         "--soak",
         type=float,
         metavar="MINUTES",
@@ -257,8 +273,17 @@ def main(argv: list[str] | None = None) -> None:
 
     synth = sub.add_parser("synth", help="VibeVoice: write the 24 kHz audio of a whole script")
     synth.add_argument("--model", required=True, help="VibeVoice directory or hub id")
-    synth.add_argument("--script", required=True, help="file of 'Speaker N: text' lines")
-    synth.add_argument("--voice", action="append", default=[], help="voice sample per speaker")
+    synth.add_argument(
+        "--script",
+        required=True,
+        help="file of 'Speaker N: text' lines (Realtime: or plain text, one turn of the voice)",
+    )
+    synth.add_argument(
+        "--voice",
+        action="append",
+        default=[],
+        help="per speaker: a voice sample (1.5B/7B) or a voice preset .pt/.safetensors (Realtime)",
+    )
     synth.add_argument(
         "--mode",
         default="context",
@@ -267,14 +292,22 @@ def main(argv: list[str] | None = None) -> None:
         "continuous: one window for the whole script; turns: each turn on its own",
     )
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--steps", type=int, default=10, help="diffusion steps per frame")
-    synth.add_argument("--cfg-scale", type=float, default=1.3)
+    synth.add_argument(
+        "--steps", type=int, help="diffusion steps per frame (default 10; Realtime: 5)"
+    )
+    synth.add_argument("--cfg-scale", type=float, help="guidance (default 1.3; Realtime: 1.5)")
     synth.add_argument("--dtype", default="float32")
     synth.add_argument("--device", default="cpu")
     synth.add_argument("--out", required=True, help="output .wav (32-bit float, 24 kHz)")
 
+    from .voices import add_parser as add_voices
+
+    add_voices(sub)
+
     args = parser.parse_args(argv)
-    if args.command == "serve":
+    if args.command == "voices":
+        code = args.func(args)
+    elif args.command == "serve":
         code = _serve(args)
     elif args.command == "cluster":
         code = _cluster(args)
@@ -286,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
         from .bench_context import run_context_bench
 
         code = run_context_bench(args)
+    elif args.command == "bench" and args.stream_text:
+        from .bench_realtime import run_stream_text_bench
+
+        code = run_stream_text_bench(args)
     elif args.command == "bench" and args.turn_cache:
         from .bench_cache import run_cache_bench
 

@@ -13,7 +13,9 @@ from .engine.pipeline import TurnAudio, TurnFeed
 from .engine.script import ScriptError, parse_script
 from .engine.vibevoice.backend import VibeVoiceBackend, at_24k, drive, read_voice_file
 from .engine.vibevoice.generate import FRAMES_PER_TOKEN, FRAMES_SLACK
-from .engine.vibevoice.weights import CheckpointError, load_runtime
+from .engine.vibevoice.presets import PresetError, load_preset
+from .engine.vibevoice.realtime_backend import RealtimeBackend
+from .engine.vibevoice.weights import CheckpointError, is_realtime, load_realtime, load_runtime
 from .protocol.messages import ProtocolError
 from .protocol.wav import wav_bytes
 
@@ -63,20 +65,79 @@ def synthesize(
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
+def synthesize_realtime(
+    model: str,
+    script: str,
+    presets: list[str],
+    seed: int,
+    steps: int,
+    cfg_scale: float,
+    device: str,
+    dtype: str,
+) -> np.ndarray:
+    """VibeVoice-Realtime: each turn from its speaker's preset, through the same engine the
+    server runs. The noise comes from a generator seeded with `seed` at the start, which draws
+    what the reference's file demo draws after `torch.manual_seed(seed)`. A script without
+    `Speaker N:` lines is one turn of the first voice, as the reference demo reads a file."""
+    try:
+        lines = [(line.speaker, line.text) for line in parse_script(script)]
+    except ScriptError:
+        if any(_is_speaker_line(line) for line in script.splitlines()) or not script.strip():
+            raise
+        lines = [(0, script.strip())]
+    speakers = max(s for s, _ in lines) + 1
+    if len(presets) < speakers:
+        raise ValueError(
+            f"the script has {speakers} speakers but {len(presets)} --voice presets were given"
+        )
+    loaded = {}
+    for path in presets[:speakers]:
+        try:
+            loaded[path] = load_preset(path)
+        except PresetError as e:
+            raise ValueError(f"--voice {path}: {e}") from None
+    rt = load_realtime(model, device, dtype)
+    backend = RealtimeBackend(rt, loaded, slots=1, steps=steps)
+    params = SynthesisParams(seed, "turns", cfg_scale, steps)
+    voices = [SpeakerVoice(f"speaker {i}", voice_id=p) for i, p in enumerate(presets[:speakers])]
+    session = backend.open_session(voices, params)
+    turns = [Turn(i, speaker, text) for i, (speaker, text) in enumerate(lines)]
+    backend.check_turns(session, turns)
+    runner = backend.runner(session, TurnFeed(turns))
+    chunks = [e.pcm for e in drive(runner) if isinstance(e, TurnAudio)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def _is_speaker_line(line: str) -> bool:
+    return line.strip().lower().startswith("speaker")
+
+
 def run_synth(args: Any) -> int:
     try:
         script = Path(args.script).read_text("utf-8")
-        audio = synthesize(
-            args.model,
-            script,
-            args.voice,
-            args.mode,
-            args.seed,
-            args.steps,
-            args.cfg_scale,
-            args.device,
-            args.dtype,
-        )
+        if is_realtime(args.model):
+            audio = synthesize_realtime(
+                args.model,
+                script,
+                args.voice,
+                args.seed,
+                args.steps or 5,
+                args.cfg_scale if args.cfg_scale is not None else 1.5,
+                args.device,
+                args.dtype,
+            )
+        else:
+            audio = synthesize(
+                args.model,
+                script,
+                args.voice,
+                args.mode,
+                args.seed,
+                args.steps or 10,
+                args.cfg_scale if args.cfg_scale is not None else 1.3,
+                args.device,
+                args.dtype,
+            )
     except (OSError, ValueError, ScriptError, CheckpointError) as e:
         print(f"vibecast synth: {e}", file=sys.stderr)
         return 2

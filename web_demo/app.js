@@ -1,4 +1,7 @@
-// The live-playback page: edit a dialogue, press Play, hear it while it is being made.
+// The live-playback page: edit a dialogue, press Play, hear it while it is being made. Or type
+// while it speaks: each finished word goes to the server as it is typed (a turn opened with
+// `stream: true`, its words in `text` messages), Enter ends the line (docs/protocol.md "Text that
+// streams in").
 // Tests read window.vibecast.stats; every control has a data-testid.
 
 import { decode, encode } from "./msgpack.js";
@@ -29,6 +32,8 @@ const stats = {
   speakers: [], // as the server resolved them (ready.speakers)
   error: null,
   from_turn: 0, // the turn this take's audio starts at (after an edit: the first changed one)
+  text_streaming: null, // ready.model.text_streaming: the server speaks words as they come
+  typed: [], // type-while-it-speaks lines: {turn, speaker, text (sent so far), spoken (turn_end.text)}
 };
 window.vibecast = { stats };
 
@@ -37,6 +42,14 @@ const speakerSettings = new Map(); // script speaker number -> {name, voice, upl
 let script = { turns: [], errors: [], speakers: [] };
 let session = null;
 let lastTake = null; // what the last Play sent: {voices, turns}, to find the first changed line
+
+// Type while it speaks: the page's speakers are Speaker 1..4; one line (turn) is open at a time.
+const TYPING_SPEAKERS = [1, 2, 3, 4];
+const typing = {
+  on: false,
+  open: null, // index of the open line's turn, while its text is being typed
+  outbox: [], // messages typed before `ready` (the server takes `text` only after it)
+};
 
 const player = new Player(onWorklet, onFirstAudio, (message) => fail("internal", message));
 
@@ -64,6 +77,10 @@ function colorOf(speaker) {
 }
 
 function renderTurns() {
+  if (typing.on) {
+    renderTyped();
+    return;
+  }
   const list = el("turns");
   list.replaceChildren();
   script.turns.forEach((t, i) => {
@@ -103,7 +120,7 @@ function renderSpeakers() {
     const name = document.createElement("input");
     name.value = s.name;
     name.setAttribute("aria-label", `name of speaker ${number}`);
-    name.oninput = () => { s.name = name.value; renderTurns(); };
+    name.oninput = () => { s.name = name.value; renderTurns(); renderTypingSpeakers(); };
     const select = document.createElement("select");
     select.setAttribute("aria-label", `voice of speaker ${number}`);
     for (const v of voices) {
@@ -130,6 +147,7 @@ function renderSpeakers() {
     row.append(dot, name, select, file);
     box.append(row);
   });
+  renderTypingSpeakers();
   if (script.speakers.length > 4) {
     const warn = document.createElement("p");
     warn.className = "warn";
@@ -139,7 +157,7 @@ function renderSpeakers() {
 }
 
 function update() {
-  script = parse(el("script").value);
+  script = typing.on ? { turns: [], errors: [], speakers: TYPING_SPEAKERS } : parse(el("script").value);
   renderSpeakers();
   renderTurns();
 }
@@ -153,7 +171,7 @@ function setState(state, text) {
   s.dataset.state = state;
   const busy = ["connecting", "queued", "playing", "stopping"].includes(state);
   // Play stays pressable while a take plays: edit a line, press Play, and the new take starts.
-  el("play").disabled = state === "connecting" || state === "stopping";
+  el("play").disabled = typing.on || state === "connecting" || state === "stopping";
   el("stop").disabled = !busy;
 }
 
@@ -204,26 +222,36 @@ async function play() {
   abandon();
   el("error").hidden = true;
   document.querySelectorAll("#turns li").forEach((li) => li.classList.remove("bad", "current", "made"));
-  Object.assign(stats, { ttfa_ms: null, played_samples: 0, received_samples: 0, underruns: 0, current_turn: -1,
-    session_samples: null, lead_ms: 0, rtf: null, stop_silence_ms: null, audio_after_cancel: 0, highlighted: [],
-    underrun_at: [], closed_code: null, speakers: [], error: null });
-  session = { pressed: performance.now(), turnStarts: [], id: null, cancelled: false, ws: null, ticker: null, stopAt: null };
-  setState("connecting", "connecting…");
-  player.reset();
-  const audioReady = player.open();
-  const speakers = script.speakers.map((number) => {
+  const speakers = sessionSpeakers();
+  const turns = script.turns.map((t) => ({ speaker: t.speaker, text: t.text }));
+  const voicesKey = JSON.stringify(speakers.map((s) => s.voice || `${s.voice_format}:${s.voice_audio.length}:${s.name}`));
+  const from = el("play-from").value === "top" ? 0 : firstChange(voicesKey, turns);
+  lastTake = { voices: voicesKey, turns };
+  const start = { type: "start", speakers, turns, format: { codec: "opus", sample_rate: 48000 } };
+  if (from > 0) start.options = { from_turn: from };
+  await begin(start, from);
+}
+
+function sessionSpeakers() {
+  return script.speakers.map((number) => {
     const s = speakerSettings.get(number);
     return s.upload
       ? { name: s.name, voice_audio: s.upload.bytes, voice_format: s.upload.format }
       : { name: s.name, voice: s.voice };
   });
-  const turns = script.turns.map((t) => ({ speaker: t.speaker, text: t.text }));
-  const voicesKey = JSON.stringify(speakers.map((s) => s.voice || `${s.voice_format}:${s.voice_audio.length}:${s.name}`));
-  const from = el("play-from").value === "top" ? 0 : firstChange(voicesKey, turns);
-  lastTake = { voices: voicesKey, turns };
+}
+
+// A new session: its socket, the player, the counters. Runs inside the click or key handler
+// that asked for it, up to its first await: browsers start audio only on a user gesture.
+async function begin(start, from = 0) {
+  Object.assign(stats, { ttfa_ms: null, played_samples: 0, received_samples: 0, underruns: 0, current_turn: -1,
+    session_samples: null, lead_ms: 0, rtf: null, stop_silence_ms: null, audio_after_cancel: 0, highlighted: [],
+    underrun_at: [], closed_code: null, speakers: [], error: null });
+  session = { pressed: performance.now(), turnStarts: [], id: null, cancelled: false, ws: null, ticker: null, stopAt: null, ready: false };
+  setState("connecting", "connecting…");
+  player.reset();
+  const audioReady = player.open();
   stats.from_turn = from;
-  const start = { type: "start", speakers, turns, format: { codec: "opus", sample_rate: 48000 } };
-  if (from > 0) start.options = { from_turn: from };
   const ws = new WebSocket(wsUrl(), "vibecast.v1");
   ws.binaryType = "arraybuffer";
   session.ws = ws;
@@ -241,6 +269,7 @@ async function play() {
     if (session !== mine) return;
     stats.closed_code = e.code;
     clearInterval(mine.ticker);
+    typing.open = null; // the next key typed starts a new session
     if (["connecting", "queued", "playing"].includes(stats.state) && stats.session_samples === null) {
       fail("closed", `The connection closed (${e.code}${e.reason ? ": " + e.reason : ""}) before the dialogue was complete.`);
       setState("error");
@@ -257,7 +286,15 @@ function handle(m) {
   switch (m.type) {
     case "ready":
       session.id = m.session_id;
+      session.ready = true;
       stats.speakers = m.speakers;
+      stats.text_streaming = !!m.model.text_streaming;
+      if (typing.on) {
+        el("typing-note").textContent = stats.text_streaming
+          ? "This server speaks your words as they come; Enter ends the line."
+          : "This server speaks each line when you press Enter (its model needs a line's whole text).";
+        for (const out of typing.outbox.splice(0)) session.ws.send(encode(out));
+      }
       player.configure(m.format.pre_skip).then(() => {
         stats.decoder = player.kind;
         el("decoder").textContent = `Decoding with ${player.kind} · ${m.model.name}`;
@@ -271,6 +308,13 @@ function handle(m) {
     case "turn_start":
       session.turnStarts[m.turn] = m.pts;
       document.querySelector(`[data-testid="turn-${m.turn}"]`)?.classList.add("made");
+      break;
+    case "turn_end":
+      if (typing.on && stats.typed[m.turn]) {
+        stats.typed[m.turn].spoken = m.text ?? stats.typed[m.turn].text;
+        renderTyped();
+        player.drain(); // the next line may be a while: play this one out now
+      }
       break;
     case "audio":
       if (session.cancelled) { stats.audio_after_cancel += 1; return; }
@@ -354,6 +398,121 @@ function highlight(turn) {
     li.classList.add("current");
     li.scrollIntoView({ block: "nearest", behavior: "smooth" });
   }
+}
+
+// -- type while it speaks --------------------------------------------------------------------------
+
+function setTypingMode(on) {
+  abandon();
+  if (on === typing.on) return;
+  typing.on = on;
+  typing.open = null;
+  typing.outbox = [];
+  stats.typed = [];
+  el("typing").hidden = !on;
+  el("script").hidden = on;
+  el("script-hint").hidden = on;
+  el("play").disabled = on;
+  el("play-from").disabled = on;
+  el("submit-job").disabled = on;
+  el("error").hidden = true;
+  el("typing-input").value = "";
+  el("typing-sent").textContent = "";
+  el("turns").replaceChildren();
+  setState("idle", "ready");
+  update();
+  if (on) el("typing-input").focus();
+}
+
+function renderTypingSpeakers() {
+  const select = el("typing-speaker");
+  const chosen = select.value || "0";
+  select.replaceChildren(...TYPING_SPEAKERS.map((number, i) =>
+    new Option(speakerSettings.get(number)?.name || `Speaker ${number}`, String(i), false, String(i) === chosen)));
+}
+
+function renderTyped() {
+  const list = el("turns");
+  stats.typed.forEach((t) => {
+    let li = list.querySelector(`[data-testid="turn-${t.turn}"]`);
+    if (!li) {
+      li = document.createElement("li");
+      li.dataset.testid = `turn-${t.turn}`;
+      li.style.setProperty("--c", colorOf(t.speaker));
+      const who = document.createElement("span");
+      who.className = "who";
+      const what = document.createElement("span");
+      what.className = "what";
+      li.append(who, what);
+      list.append(li);
+    }
+    li.querySelector(".who").textContent = speakerSettings.get(TYPING_SPEAKERS[t.speaker])?.name || `Speaker ${t.speaker + 1}`;
+    li.querySelector(".what").textContent = t.spoken ?? t.text;
+    li.classList.toggle("open", t.turn === typing.open);
+  });
+}
+
+function sendTyped(message) {
+  if (session && session.ready && session.ws.readyState === WebSocket.OPEN) session.ws.send(encode(message));
+  else typing.outbox.push(message);
+}
+
+// The first key of a line opens its turn: the first line of a session in its `start`, the
+// next ones with an `append` (the server takes one open turn at a time).
+function openLine() {
+  const speaker = Number(el("typing-speaker").value || 0);
+  const live = session && session.ws && session.ws.readyState <= WebSocket.OPEN &&
+    !["error", "stopping", "stopped"].includes(stats.state);
+  const turn = { speaker, text: "", stream: true };
+  if (!live) {
+    abandon();
+    stats.typed = [];
+    typing.outbox = [];
+    el("turns").replaceChildren();
+    el("error").hidden = true;
+    const start = { type: "start", speakers: sessionSpeakers(), turns: [turn], more: true,
+      format: { codec: "opus", sample_rate: 48000 } };
+    begin(start);
+  } else {
+    sendTyped({ type: "append", turns: [turn], more: true });
+  }
+  typing.open = stats.typed.length;
+  stats.typed.push({ turn: typing.open, speaker, text: "", spoken: null });
+}
+
+// Words go out as they are finished (up to the last space typed): a finished word can no longer
+// be edited, since text sent cannot be taken back, so it moves out of the input.
+function onTypingInput() {
+  const input = el("typing-input");
+  if (typing.open === null) {
+    if (!input.value.trim()) return; // nothing to say yet
+    el("typing-sent").textContent = "";
+    openLine();
+  }
+  const cut = input.value.search(/\s\S*$/) + 1; // after the last whitespace; 0 if none
+  if (cut > 0) {
+    const piece = input.value.slice(0, cut);
+    input.value = input.value.slice(cut);
+    sendPiece(piece, false);
+  }
+}
+
+function sendPiece(piece, final) {
+  const line = stats.typed[typing.open];
+  line.text += piece;
+  if (piece || final) sendTyped({ type: "text", turn: typing.open, text: piece, final });
+  el("typing-sent").textContent = final ? "" : line.text;
+  if (final) typing.open = null;
+  renderTyped();
+}
+
+function endLine() {
+  const input = el("typing-input");
+  if (typing.open === null) return;
+  const rest = input.value;
+  input.value = "";
+  sendPiece(rest, true);
+  input.focus();
 }
 
 // -- jobs: the same script, made by the server in the background (docs/jobs.md) -----------------
@@ -470,6 +629,12 @@ async function init() {
   el("stop").addEventListener("click", stop);
   el("submit-job").addEventListener("click", submitJob);
   el("download").addEventListener("click", (e) => { if (el("download").classList.contains("disabled")) e.preventDefault(); });
+  el("typing-mode").addEventListener("change", () => setTypingMode(el("typing-mode").checked));
+  el("typing-input").addEventListener("input", onTypingInput);
+  el("typing-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); endLine(); }
+  });
+  el("typing-end").addEventListener("click", endLine);
   try {
     const r = await fetch("v1/voices", token ? { headers: { Authorization: `Bearer ${token}` } } : {});
     if (!r.ok) throw new Error((await r.json()).message || r.statusText);

@@ -42,6 +42,8 @@ export class Player {
     this.kind = "none";
     this.decoded = 0;
     this.sent = 0; // packets given to the decoder
+    this.done = 0; // packets the decoder has decoded
+    this.drainAt = null; // `drain` once this many packets are decoded
     this.early = [];
   }
 
@@ -75,6 +77,8 @@ export class Player {
     this.early = [];
     this.decoded = 0;
     this.sent = 0;
+    this.done = 0;
+    this.drainAt = null;
   }
 
   async configure(preSkip) {
@@ -87,6 +91,7 @@ export class Player {
           data.copyTo(pcm, { planeIndex: 0, format: "f32-planar" });
           data.close();
           this.feed(pcm);
+          this.decodedOne();
         },
         error: (e) => this.onError(`audio decoder: ${e.message}`),
       });
@@ -100,6 +105,7 @@ export class Player {
         decode: (packet) => {
           const { channelData, samplesDecoded } = dec.decodeFrame(packet);
           if (samplesDecoded) this.feed(channelData[0].slice(0, samplesDecoded));
+          this.decodedOne();
         },
         flush: async () => {},
         close: () => dec.free(),
@@ -124,6 +130,24 @@ export class Player {
       }
       this.sent += 1;
     }
+  }
+
+  // Live input: a line ended and the next may come later. Once every packet given so far is
+  // decoded (WebCodecs decodes asynchronously), tell the worklet to play out what it holds.
+  drain() {
+    this.drainAt = this.sent;
+    this.drainIfDecoded();
+  }
+
+  decodedOne() {
+    this.done += 1;
+    this.drainIfDecoded();
+  }
+
+  drainIfDecoded() {
+    if (this.drainAt === null || this.done < this.drainAt) return;
+    this.drainAt = null;
+    if (this.node) this.node.port.postMessage({ type: "drain" });
   }
 
   async end(totalSamples) {

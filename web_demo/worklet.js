@@ -5,9 +5,15 @@
 // - An underrun fades out over FADE samples instead of cutting, and playback fades back in.
 // - `end` gives the session's exact length: playback stops after exactly that many samples.
 // - `stop` fades out at once and drops everything queued; it reports when it is silent.
+// - `drain` (live input: a line typed while it speaks has ended, and the next may be a while):
+//   play what is queued even if it is less than the prebuffer; running out after it is a pause
+//   until the next line's audio, not an underrun.
 // It posts {played, buffered, underruns, state} about 40 times a second.
 
 const FADE = 240; // 5 ms at 48 kHz
+// 250 ms before the first sound: the server's first chunk is short (it is made fast), and
+// waiting for the second one too keeps a slow start from running dry.
+const PREBUFFER = 12000;
 
 class Player extends AudioWorkletProcessor {
   constructor() {
@@ -17,10 +23,9 @@ class Player extends AudioWorkletProcessor {
     this.buffered = 0;
     this.played = 0;
     this.total = -1; // known once the server sent `done`
-    // 250 ms before the first sound: the server's first chunk is short (it is made fast), and
-    // waiting for the second one too keeps a slow start from running dry.
-    this.prebuffer = 12000;
+    this.prebuffer = PREBUFFER;
     this.waiting = true;
+    this.draining = false;
     this.underruns = 0;
     this.gain = 0; // fades between 0 and 1
     this.stopping = false;
@@ -38,6 +43,8 @@ class Player extends AudioWorkletProcessor {
       this.total = m.total;
     } else if (m.type === "stop") {
       this.stopping = true;
+    } else if (m.type === "drain") {
+      this.draining = true;
     }
   }
 
@@ -81,9 +88,12 @@ class Player extends AudioWorkletProcessor {
     }
     if (this.finished) return true;
     const remaining = this.total >= 0 ? this.total - this.played : Infinity;
-    const ending = this.total >= 0 && this.buffered >= remaining;
+    const ending = (this.total >= 0 && this.buffered >= remaining) || this.draining;
     if (this.waiting) {
-      if (this.buffered >= Math.min(this.prebuffer, remaining) && (this.buffered > 0 || ending)) {
+      const enough = this.draining
+        ? this.buffered > 0
+        : this.buffered >= Math.min(this.prebuffer, remaining) && (this.buffered > 0 || ending);
+      if (enough) {
         this.waiting = false;
       } else {
         if (++this.quanta % 10 === 0) this.report(this.played ? "buffering" : "waiting");
@@ -103,6 +113,16 @@ class Player extends AudioWorkletProcessor {
     if (this.total >= 0 && this.played >= this.total) {
       this.finished = true;
       this.report("finished");
+      return true;
+    }
+    if (got < want && this.draining) {
+      // The line's audio is out (it ends in its silence padding): wait for the next line's
+      // with the first prebuffer again; nothing was missing, so no underrun.
+      this.draining = false;
+      this.waiting = true;
+      this.gain = 0;
+      this.prebuffer = PREBUFFER;
+      this.report("paused");
       return true;
     }
     if (got < want || (!ending && this.buffered < FADE)) {

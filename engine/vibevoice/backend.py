@@ -251,7 +251,7 @@ class SlotRunner:
             self.cut = True
 
 
-def drive(runner: SlotRunner) -> Iterator[PipelineEvent]:
+def drive(runner: Runner) -> Iterator[PipelineEvent]:
     """A session's events with nobody else in the engine, unit after unit, waiting for its
     prefills (offline synthesis, warm-up); the session is closed at the end."""
     try:
@@ -259,6 +259,18 @@ def drive(runner: SlotRunner) -> Iterator[PipelineEvent]:
             yield from events
     finally:
         runner.close()
+
+
+def weights_digest(name: str, model: torch.nn.Module, settings: str) -> str:
+    """A backend's fingerprint: a sample of every tensor (cheap, and random checkpoints differ)
+    and the settings that shape the numbers."""
+    digest = hashlib.sha256(name.encode())
+    for key, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy()
+        digest.update(f"{key}{tuple(p.shape)}{p.dtype}".encode() + sample.tobytes())
+    digest.update(settings.encode())
+    return f"{name}:{digest.hexdigest()}"
 
 
 class BatchGroup:
@@ -457,14 +469,9 @@ class VibeVoiceBackend:
         return self._fingerprint
 
     def _digest(self) -> str:
-        digest = hashlib.sha256(self.name.encode())
-        for name, p in self.rt.model.state_dict().items():
-            flat = p.detach().reshape(-1)
-            sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy()
-            digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode() + sample.tobytes())
         e = self.engine
-        digest.update(f"{e.steps}:{e.window}:{self.rt.dtype}:{self.rt.device.type}".encode())
-        return f"{self.name}:{digest.hexdigest()}"
+        settings = f"{e.steps}:{e.window}:{self.rt.dtype}:{self.rt.device.type}"
+        return weights_digest(self.name, self.rt.model, settings)
 
     def warmup(self) -> None:
         """Run a turn through the engine, then time a step: every step runs all slots (static

@@ -8,7 +8,7 @@ not here: they live in engine.backend.SynthesisParams.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,50 +95,97 @@ class VibeVoiceConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> VibeVoiceConfig:
         kind = str(d.get("model_type", ""))
-        if kind in ("vibevoice_streaming",) or "tts_eos_classifier" in json.dumps(d):
+        if kind == "vibevoice_streaming":
             raise ValueError(
-                "this is VibeVoice-Realtime-0.5B, which vibecast does not run yet; use "
-                "VibeVoice-1.5B or VibeVoice-Large (7B)"
+                "this is VibeVoice-Realtime-0.5B: read it with RealtimeConfig (load_config does)"
             )
         if kind not in ("vibevoice", "vibepod"):
             raise ValueError(
                 f"config.json has model_type {kind!r}; expected 'vibevoice' (or 'vibepod')"
             )
-        lm = d["decoder_config"]
-        if lm.get("model_type", "qwen2") != "qwen2":
-            raise ValueError(
-                f"decoder_config.model_type is {lm.get('model_type')!r}; only qwen2 is supported"
-            )
-        if lm.get("use_sliding_window") or lm.get("rope_scaling"):
-            raise ValueError("sliding-window attention and rope scaling are not supported")
-        head = d["diffusion_head_config"]
         return VibeVoiceConfig(
-            lm=LMConfig(
-                hidden_size=lm["hidden_size"],
-                num_hidden_layers=lm["num_hidden_layers"],
-                num_attention_heads=lm["num_attention_heads"],
-                num_key_value_heads=lm["num_key_value_heads"],
-                intermediate_size=lm["intermediate_size"],
-                vocab_size=lm["vocab_size"],
-                rope_theta=float(lm.get("rope_theta", 1e6)),
-                rms_norm_eps=float(lm.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=lm.get("max_position_embeddings", 32768),
-                tie_word_embeddings=bool(lm.get("tie_word_embeddings", False)),
-            ),
+            lm=_lm(d["decoder_config"]),
             acoustic=_codec(d["acoustic_tokenizer_config"], "acoustic_tokenizer_config"),
             semantic=_codec(d["semantic_tokenizer_config"], "semantic_tokenizer_config"),
-            head=HeadConfig(
-                hidden_size=head["hidden_size"],
-                layers=head["head_layers"],
-                ffn_ratio=float(head["head_ffn_ratio"]),
-                latent_size=head["latent_size"],
-                rms_norm_eps=float(head.get("rms_norm_eps", 1e-5)),
-                train_steps=head.get("ddpm_num_steps", 1000),
-                beta_schedule=head.get("ddpm_beta_schedule", "cosine"),
-                prediction_type=head.get("prediction_type", "v_prediction"),
-                inference_steps=head.get("ddpm_num_inference_steps", 20),
-            ),
+            head=_head(d["diffusion_head_config"]),
         )
+
+
+@dataclass(frozen=True)
+class RealtimeConfig:
+    """VibeVoice-Realtime-0.5B (`model_type: vibevoice_streaming`): the Qwen2.5 decoder split in
+    two, a lower text-only LM (`lm`, its first layers) under a TTS LM (`tts`, the rest), which
+    takes the lower LM's text states and the speech frames. No semantic tokenizer, and of the
+    acoustic tokenizer only the decoder is in the checkpoint."""
+
+    lm: LMConfig
+    tts: LMConfig
+    acoustic: CodecConfig
+    head: HeadConfig
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RealtimeConfig:
+        if d.get("model_type") != "vibevoice_streaming":
+            raise ValueError(
+                f"config.json has model_type {d.get('model_type')!r}; expected "
+                "'vibevoice_streaming' (VibeVoice-Realtime-0.5B)"
+            )
+        whole = _lm(d["decoder_config"])
+        upper = int(d.get("tts_backbone_num_hidden_layers", 20))
+        if not 0 < upper < whole.num_hidden_layers:
+            raise ValueError(
+                f"tts_backbone_num_hidden_layers is {upper}; it must be between 1 and the "
+                f"decoder's {whole.num_hidden_layers} layers minus one"
+            )
+        return RealtimeConfig(
+            lm=replace(whole, num_hidden_layers=whole.num_hidden_layers - upper),
+            tts=replace(whole, num_hidden_layers=upper),
+            acoustic=_codec(d["acoustic_tokenizer_config"], "acoustic_tokenizer_config"),
+            head=_head(d["diffusion_head_config"]),
+        )
+
+
+def load_config(path: str | Path) -> VibeVoiceConfig | RealtimeConfig:
+    """The config of a model directory's `config.json`, by its model_type."""
+    d = json.loads(Path(path).read_text("utf-8"))
+    if d.get("model_type") == "vibevoice_streaming":
+        return RealtimeConfig.from_dict(d)
+    return VibeVoiceConfig.from_dict(d)
+
+
+def _lm(lm: dict[str, Any]) -> LMConfig:
+    if lm.get("model_type", "qwen2") != "qwen2":
+        raise ValueError(
+            f"decoder_config.model_type is {lm.get('model_type')!r}; only qwen2 is supported"
+        )
+    if lm.get("use_sliding_window") or lm.get("rope_scaling"):
+        raise ValueError("sliding-window attention and rope scaling are not supported")
+    return LMConfig(
+        hidden_size=lm["hidden_size"],
+        num_hidden_layers=lm["num_hidden_layers"],
+        num_attention_heads=lm["num_attention_heads"],
+        num_key_value_heads=lm["num_key_value_heads"],
+        intermediate_size=lm["intermediate_size"],
+        vocab_size=lm["vocab_size"],
+        rope_theta=float(lm.get("rope_theta", 1e6)),
+        rms_norm_eps=float(lm.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=lm.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(lm.get("tie_word_embeddings", False)),
+    )
+
+
+def _head(head: dict[str, Any]) -> HeadConfig:
+    return HeadConfig(
+        hidden_size=head["hidden_size"],
+        layers=head["head_layers"],
+        ffn_ratio=float(head["head_ffn_ratio"]),
+        latent_size=head["latent_size"],
+        rms_norm_eps=float(head.get("rms_norm_eps", 1e-5)),
+        train_steps=head.get("ddpm_num_steps", 1000),
+        beta_schedule=head.get("ddpm_beta_schedule", "cosine"),
+        prediction_type=head.get("prediction_type", "v_prediction"),
+        inference_steps=head.get("ddpm_num_inference_steps", 20),
+    )
 
 
 def _depths(value: Any) -> tuple[int, ...]:

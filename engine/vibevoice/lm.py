@@ -113,14 +113,17 @@ class Layer(nn.Module):
 
 
 class Qwen2(nn.Module):
-    """`model.language_model` in the checkpoint (a plain Qwen2Model: no lm_head here)."""
+    """`model.language_model` in the checkpoint (a plain Qwen2Model: no lm_head here).
 
-    def __init__(self, cfg: LMConfig) -> None:
+    `final_norm=False`: Realtime's lower LM, whose final norm is an identity (its states go on
+    into the TTS LM's first layer, which norms them itself), so the checkpoint has no weight."""
+
+    def __init__(self, cfg: LMConfig, final_norm: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if final_norm else None
 
     def forward(
         self,
@@ -129,7 +132,9 @@ class Qwen2(nn.Module):
         cache: KVCache,
         rows: slice,  # which cache rows these R streams use (a slice, so no copy is made)
     ) -> torch.Tensor:
-        """Final-normed hidden states (R, T, H); writes K/V of the T new positions."""
+        """Hidden states (R, T, H), final-normed; writes K/V of the T new positions.
+
+        `rows` may be strided (Realtime: `slice(0, 2S, 2)`, the positive TTS rows): a view."""
         cos, sin = rope(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         span = torch.arange(cache.capacity, device=x.device)
         mask = (span[None, None, :] <= positions[:, :, None])[:, None]  # (R, 1, T, S)
@@ -145,4 +150,4 @@ class Qwen2(nn.Module):
             )
             x = x + attn
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)

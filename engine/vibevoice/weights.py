@@ -14,10 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import VibeVoiceConfig
+from .config import RealtimeConfig, VibeVoiceConfig, load_config
 from .generate import Runtime
 from .model import VibeVoice
+from .realtime import RealtimeRuntime, VibeVoiceRealtime
 from .tokenizer import TextTokenizer
+
+Model = VibeVoice | VibeVoiceRealtime
 
 
 class CheckpointError(ValueError):
@@ -63,12 +66,26 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+def build(cfg: VibeVoiceConfig | RealtimeConfig) -> Model:
+    """The module tree a config describes (1.5B/7B, or Realtime-0.5B)."""
+    return VibeVoiceRealtime(cfg) if isinstance(cfg, RealtimeConfig) else VibeVoice(cfg)
+
+
+def is_realtime(model: str) -> bool:
+    """Whether `--model` names VibeVoice-Realtime (a directory or `random:realtime-*`), read
+    from its config.json; a hub id not downloaded yet is fetched for that."""
+    if model.startswith("random:"):
+        return model.split(":", 1)[1].startswith("realtime")
+    config = json.loads((resolve(model) / "config.json").read_text("utf-8"))
+    return bool(config.get("model_type") == "vibevoice_streaming")
+
+
 def load_model(
     directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> VibeVoice:
-    cfg = VibeVoiceConfig.from_file(directory / "config.json")
+) -> Model:
+    cfg = load_config(directory / "config.json")
     with torch.device("meta"):
-        model = VibeVoice(cfg)
+        model = build(cfg)
     expected = expected_tensors(model)
     files = checkpoint_files(directory)
     missing = sorted(set(expected) - set(files))
@@ -81,7 +98,7 @@ def load_model(
             parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
         raise CheckpointError(
             f"{directory}: the checkpoint does not match config.json: {'; '.join(parts)}. "
-            "Is this a VibeVoice 1.5B/7B checkpoint in the official layout?"
+            "Is this a VibeVoice checkpoint (1.5B, 7B or Realtime-0.5B) in the official layout?"
         )
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
@@ -111,19 +128,17 @@ CONFIGS = (
 )  # vibevoice-1.5b.json, vibevoice-7b.json: the released dimensions
 
 
-def random_model(
-    size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0
-) -> VibeVoice:
+def random_model(size: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> Model:
     """A model of the released dimensions with random weights (`--model random:1.5b`), for
     measuring speed where the real weights cannot be had. Its audio is noise."""
     path = CONFIGS / f"vibevoice-{size}.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem.split("-", 1)[1] for p in CONFIGS.glob("vibevoice-*.json")))
         raise CheckpointError(f"--model random:{size}: no such size; known: {known}")
-    cfg = VibeVoiceConfig.from_file(path)
+    cfg = load_config(path)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = VibeVoice(cfg).to(dtype)
+        model = build(cfg).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -167,12 +182,29 @@ def load_runtime(model: str, device: str = "auto", dtype: str = "auto") -> Runti
 
     `model` is a directory, a hub id, or `random:SIZE` (released dimensions, random weights).
     """
+    weights, tok, dev, dt, name = _load(model, device, dtype)
+    if not isinstance(weights, VibeVoice):
+        raise CheckpointError(f"--model {model} is VibeVoice-Realtime, not 1.5B/7B")
+    return Runtime(weights, tok, dev, dt, name)
+
+
+def load_realtime(model: str, device: str = "auto", dtype: str = "auto") -> RealtimeRuntime:
+    """`load_runtime` for Realtime-0.5B (a directory, a hub id, `random:realtime-0.5b`)."""
+    weights, tok, dev, dt, name = _load(model, device, dtype)
+    if not isinstance(weights, VibeVoiceRealtime):
+        raise CheckpointError(f"--model {model} is VibeVoice 1.5B/7B, not Realtime")
+    return RealtimeRuntime(weights, tok, dev, dt, name)
+
+
+def _load(
+    model: str, device: str, dtype: str
+) -> tuple[Model, TextTokenizer, torch.device, torch.dtype, str]:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if model.startswith("random:"):
         size = model.split(":", 1)[1]
         weights = random_model(size, dev, dt)
-        return Runtime(weights, TextTokenizer.placeholder(), dev, dt, f"vibevoice:random-{size}")
+        return weights, TextTokenizer.placeholder(), dev, dt, f"vibevoice:random-{size}"
     directory = resolve(model)
     weights = load_model(directory, dev, dt)
-    return Runtime(weights, TextTokenizer.load(directory), dev, dt, f"vibevoice:{directory.name}")
+    return weights, TextTokenizer.load(directory), dev, dt, f"vibevoice:{directory.name}"
