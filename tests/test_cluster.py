@@ -15,6 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -402,7 +403,11 @@ def test_a_gateway_scaled_down_finishes_its_sessions(cluster: Cluster, redis_url
         for i in range(4):  # on both gateways; they wait, unread, while the change happens
             c = await Client.connect(cluster.ws_url)
             ready = await c.start(SPEAKERS, turns_of(SCRIPT), options={"seed": 900 + i})
-            owners.add(cluster.gateway_of(ready.session_id))
+            # The gateway stamps its sessions as their engine work starts, maybe after `ready`.
+            sid = ready.session_id
+            stamped = partial(cluster.gateway_of, sid)
+            await asyncio.to_thread(wait_until, cluster, stamped, 30)
+            owners.add(cluster.gateway_of(sid))
             clients.append(c)
         assert len(owners) == 2, owners  # one of them is going to stop
         config = ServerConfig(store_url=redis_url, turn_cache=False, resume_grace_s=30).replace(

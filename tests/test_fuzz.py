@@ -14,7 +14,7 @@ from conftest import running_server
 from helpers import get_json, run_session, speakers_of, turns_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from vibecast.protocol import PROTOCOL, Code, Error, Queued, Ready, parse_server
@@ -217,11 +217,17 @@ SUBPROTOCOLS = [Subprotocol(PROTOCOL)]
 async def _exchange(url: str, batch: list[bytes | str]) -> list[str]:
     """Send each frame, read what it caused; reconnect after fatal errors and accepted starts."""
     seen: list[str] = []
-    ws = await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
+
+    async def reconnect(old: ClientConnection | None) -> ClientConnection:
+        if old is not None:  # wait for its TCP connection to end: no socket is left to the GC
+            await old.close()
+        return await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
+
+    ws = await reconnect(None)
     try:
         for frame in batch:
             if ws.close_code is not None:
-                ws = await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
+                ws = await reconnect(ws)
             await ws.send(frame)
             reply = parse_server(await asyncio.wait_for(ws.recv(decode=False), 30))
             if isinstance(reply, Error):
@@ -231,15 +237,13 @@ async def _exchange(url: str, batch: list[bytes | str]) -> list[str]:
                 if reply.fatal:
                     await asyncio.wait_for(ws.wait_closed(), 10)
                     assert ws.close_code in (1008, 1009, 1011, 1013), ws.close_code
-                    ws = await connect(
-                        url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None
-                    )
+                    ws = await reconnect(ws)
             elif isinstance(reply, (Ready, Queued)):  # a valid start (unknown fields ignored)
                 seen.append(reply.type)
                 await ws.send(msgpack.packb({"type": "cancel"}))
                 async for _ in ws:
                     pass
-                ws = await connect(url, subprotocols=SUBPROTOCOLS, max_size=None, compression=None)
+                ws = await reconnect(ws)
             else:
                 raise AssertionError(f"unexpected reply {reply!r} to {frame[:80]!r}")
     finally:

@@ -261,6 +261,22 @@ def drive(runner: Runner) -> Iterator[PipelineEvent]:
         runner.close()
 
 
+def capacity_of(runner: Runner, slots: int, skip: int) -> int:
+    """Sessions that keep up with real time, from a warm-up turn run alone: every step runs all
+    `slots` (static shapes), so the median unit after the first `skip` says it."""
+    times = []
+    while True:
+        start = time.perf_counter()
+        if runner.run() is None:
+            break
+        times.append(time.perf_counter() - start)
+    runner.close()
+    steady = sorted(times[skip:]) or [1.0]
+    step_s = steady[len(steady) // 2]
+    frame_s = 3200 / SAMPLE_RATE
+    return min(slots, max(1, int(slots * HEADROOM * frame_s / step_s)))
+
+
 def weights_digest(name: str, model: torch.nn.Module, settings: str) -> str:
     """A backend's fingerprint: a sample of every tensor (cheap, and random checkpoints differ)
     and the settings that shape the numbers."""
@@ -483,17 +499,8 @@ class VibeVoiceBackend:
             [SpeakerVoice("warmup", audio=wav, audio_rate=SAMPLE_RATE)], params
         )
         runner = self.runner(slot, TurnFeed([Turn(0, 0, "Warm up.")]))
-        times = []
-        while True:
-            start = time.perf_counter()
-            if runner.run() is None:
-                break
-            times.append(time.perf_counter() - start)
-        runner.close()
-        step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first units waited for the prefill
-        frame_s = 3200 / SAMPLE_RATE
-        slots = self.engine.max_slots
-        self._capacity = min(slots, max(1, int(slots * HEADROOM * frame_s / step_s)))
+        # The first units waited for the prefill.
+        self._capacity = capacity_of(runner, self.engine.max_slots, skip=2)
         self.fingerprint()  # now, not from a request's thread while the loop steps
 
     def realtime_capacity(self) -> int:

@@ -12,7 +12,6 @@ at which the EOS classifier fires, or when the window is full (`capped`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ import torch
 from ...protocol.messages import Code, ProtocolError
 from ..backend import Carry, SpeakerVoice, SynthesisParams, Turn, Voice, check_steps
 from ..pipeline import TurnAudio, TurnEnded, TurnFeed, TurnStarted
-from ..scheduler import HEADROOM, Events, Runner
-from .backend import weights_digest
+from ..scheduler import Events, Runner
+from .backend import capacity_of, weights_digest
 from .config import SAMPLE_RATE
 from .lm import KVCache, Qwen2
 from .presets import Preset, PresetError, PresetStream, load_presets
@@ -403,18 +402,7 @@ class RealtimeBackend:
         params = SynthesisParams(0, "turns", DEFAULT_CFG, None, frames_per_turn=8)
         session = self.open_session([SpeakerVoice("warmup", voice_id=name)], params)
         runner = self.runner(session, TurnFeed([Turn(0, 0, "Warm up the engine.")]))
-        times = []
-        while True:
-            start = time.perf_counter()
-            if runner.run() is None:
-                break
-            times.append(time.perf_counter() - start)
-        runner.close()
-        steady = sorted(times[1:]) or [1.0]  # the first unit also started the turn
-        step_s = steady[len(steady) // 2]
-        frame_s = 3200 / SAMPLE_RATE
-        slots = self.engine.max_slots
-        self._capacity = min(slots, max(1, int(slots * HEADROOM * frame_s / step_s)))
+        self._capacity = capacity_of(runner, self.engine.max_slots, skip=1)  # 1: turn start
         self.fingerprint()
 
     def realtime_capacity(self) -> int:

@@ -265,8 +265,9 @@ class RealtimeEngine:
         self._used[slot] = list(parked.used)
 
     def room(self, slot: int) -> int:
-        """TTS positions the slot's turn has left (text tokens and frames both take one)."""
-        return self.window - max(self._used[slot][1], self._used[slot][2])
+        """Positions the slot's turn has left in its fullest row (a text token takes one in
+        the lower LM and the positive TTS row, a frame one in both TTS rows)."""
+        return self.window - max(self._used[slot])
 
     @torch.no_grad()
     def start_turn(self, slot: int, preset: Preset) -> None:
