@@ -151,7 +151,16 @@ export class Player {
   }
 
   async end(totalSamples) {
-    if (this.decoder && this.decoder.flush) await this.decoder.flush();
+    const decoder = this.decoder;
+    if (decoder && decoder.flush) {
+      try {
+        await decoder.flush();
+      } catch (e) {
+        // A new take closed this decoder while it flushed: this take's end no longer matters.
+        if (decoder !== this.decoder) return;
+        throw e;
+      }
+    }
     if (this.node) this.node.port.postMessage({ type: "end", total: totalSamples });
   }
 

@@ -267,6 +267,13 @@ class RealtimeBackend:
         cuda = rt.device.type == "cuda"
         most = cfg.tts.max_position_embeddings
         window = min(window or (most if cuda else 2048), most)
+        for name, p in self._presets.items():  # here, not when a turn starts in a shared step
+            longest = max(s.length for s in p.streams().values())
+            if longest + 64 > window:
+                raise ValueError(
+                    f"voice preset {name} holds {longest} positions, which leaves too little of "
+                    f"the {window}-position window for speech; raise --context-window"
+                )
         self.engine = RealtimeEngine(rt, slots or (64 if cuda else 8), window, steps, graphs)
         self.group = RealtimeGroup(self.engine)
         self._capacity = 1
