@@ -105,14 +105,14 @@ class RealtimeRuntime:
             )
         return self._samplers[steps]
 
-    def noise(self, gen: torch.Generator) -> torch.Tensor:
-        """One frame's starting noise (latent,), in the model dtype on the device.
+    def noise(self, gen: torch.Generator, out: torch.Tensor) -> None:
+        """One frame's starting noise into `out` (latent,), fp32 on the CPU.
 
         As the reference: `torch.randn(2, latent)` in fp32 on the CPU (from the default
-        generator there, a session's own here: the same numbers for the same seed), cast and
-        moved; the second row (the negative's) is drawn and never used."""
-        latent = self.cfg.acoustic.vae_dim
-        return torch.randn((2, latent), generator=gen)[0].to(self.device, self.dtype)
+        generator there, a session's own here: the same numbers for the same seed), later cast
+        to the model dtype on the device; the second row (the negative's) is drawn and never
+        used."""
+        out.copy_(torch.randn((2, out.shape[0]), generator=gen)[0])
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -198,10 +198,17 @@ class RealtimeEngine:
             zeros(s, cfg.acoustic.hop, dtype=torch.float32),
             zeros(s, dtype=torch.bool),
         )
+        cuda = dev.type == "cuda"
+        # Host side of the per-step inputs: text ids, their count, who speaks, noise (fp32).
+        self._stage = (
+            torch.zeros((s, TEXT_WINDOW), dtype=i64, pin_memory=cuda),
+            torch.zeros(s, dtype=i64, pin_memory=cuda),
+            torch.zeros(s, dtype=torch.bool, pin_memory=cuda),
+            torch.zeros((s, cfg.acoustic.vae_dim), pin_memory=cuda),
+        )
         self.sessions: list[Session | None] = [None] * s
         self._used = [[0, 0, 0] for _ in range(s)]  # host mirror of pos: no reads needed
         self.frames = 0  # frames made, every session together
-        cuda = dev.type == "cuda"
         self._graphs: tuple[StepGraphs, StepGraphs] | None = None
         if cuda:
             self._audio_host = torch.empty((s, cfg.acoustic.hop), pin_memory=True)
@@ -300,10 +307,11 @@ class RealtimeEngine:
         """Run the text windows given (slot -> up to 5 ids; empty: none), then a frame for
         every slot in `speaking`; returns those frames. The caller keeps both within `room`."""
         p = self.pool
-        s = self.max_slots
+        # The step's inputs are written into host buffers kept for it, then copied over once
+        # each (the previous step's copies are done: `_fetch` waited for its outputs).
+        text, n, active, noise = self._stage
         if any(windows.values()):
-            text = torch.zeros((s, TEXT_WINDOW), dtype=torch.int64)
-            n = torch.zeros(s, dtype=torch.int64)
+            n.zero_()
             for slot, ids in windows.items():
                 if len(ids) > TEXT_WINDOW or len(ids) > self.room(slot):
                     raise ValueError(f"slot {slot}: a window of {len(ids)} does not fit")
@@ -315,8 +323,9 @@ class RealtimeEngine:
             p.n_text.copy_(n, non_blocking=True)
             self._run(0)
         if not speaking:
+            self.rt.sync()  # the staged text must be copied before a next step rewrites it
             return []
-        active = torch.zeros(s, dtype=torch.bool)
+        active.zero_()
         for slot in speaking:
             sess = self.sessions[slot]
             if sess is None or self.room(slot) < 1:
@@ -324,10 +333,11 @@ class RealtimeEngine:
             active[slot] = True
             # Noise for this frame from the session's generator, outside the captured step:
             # a graph cannot replay per-session generators.
-            p.noise[slot].copy_(self.rt.noise(sess.gen))
+            self.rt.noise(sess.gen, noise[slot])
             self._used[slot][1] += 1
             self._used[slot][2] += 1
         p.active.copy_(active, non_blocking=True)
+        p.noise.copy_(noise, non_blocking=True)  # cast to the model dtype here, as the reference
         self._run(1)
         audio, eos = self._fetch()
         self.frames += len(speaking)
